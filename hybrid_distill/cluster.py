@@ -1,0 +1,374 @@
+"""Cluster integration: rank discovery (deepspeed launcher, torchrun, SLURM, single process) and preemption.
+
+The trainer calls, in this order::
+
+    env = cluster.setup_dist_env()                 # RANK/LOCAL_RANK/WORLD_SIZE/MASTER_* in os.environ
+    deepspeed.init_distributed(dist_backend=backend, timeout=cluster.dist_timeout())
+    stop = cluster.StopRequest(stop_file=...).install()
+    for step in ...:
+        ...
+        if stop.should_stop(device):             # every rank, at every step boundary: one tiny all_reduce
+            save_checkpoint(); barrier()
+            sys.exit(cluster.EXIT_REQUEUE)         # 75: the sbatch scripts requeue the job
+
+Rank discovery (DESIGN §6): ``RANK`` set means a launcher (deepspeed, torchrun) already did the work. Else a
+SLURM task started by ``srun`` (``SLURM_STEP_ID`` set) is mapped: ``SLURM_PROCID/LOCALID`` and the step's task
+count become ``RANK/LOCAL_RANK/WORLD_SIZE``, ``MASTER_ADDR`` is the ``NodeAddr`` of the step's first node (node
+names may not resolve) and ``MASTER_PORT`` is derived from the job id, so all tasks agree without talking.
+Anything else is a single process.
+
+Preemption: SLURM sends SIGUSR1 (``--signal``) or SIGTERM (preemption, ``scancel``, time limit); the
+deepspeed-launcher variant cannot pass SIGUSR1 through the launcher, so its batch shell creates a stop file
+(``HD_STOP_FILE``) instead. ``StopRequest`` only records the request; ``should_stop`` makes every rank agree.
+
+Also a small CLI for the sbatch scripts: ``python -m hybrid_distill.cluster master-addr`` and
+``python -m hybrid_distill.cluster hostfile --slots N --out FILE``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+EXIT_REQUEUE = 75  # EX_TEMPFAIL: "stopped on request after a checkpoint; requeue me"
+DEFAULT_DIST_TIMEOUT_S = 600.0
+PORT_BASE, PORT_SPAN = 20000, 20000  # MASTER_PORT = PORT_BASE + job_id % PORT_SPAN
+STOP_FILE_ENV = "HD_STOP_FILE"
+DIST_TIMEOUT_ENV = "HD_DIST_TIMEOUT_S"
+
+_SIGNAL_CODE_BASE = 100  # stop codes: 0 none, 1 stop file, 100 + signum a signal (MAX-reduced across ranks)
+_FILE_CODE = 1
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits in the job. ``source`` is ``"launcher"``, ``"slurm"`` or ``"single"``."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    source: str
+    master_addr: str = ""
+    master_port: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        """True on global rank 0."""
+        return self.rank == 0
+
+    def describe(self) -> str:
+        """One log line: ``rank 1/8 (local 1) via slurm, master 10.0.0.5:21234 on host gpu017``."""
+        return (f"rank {self.rank}/{self.world_size} (local {self.local_rank}) via {self.source}, "
+                f"master {self.master_addr}:{self.master_port} on host {socket.gethostname()}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Parsing helpers (pure, unit-tested)
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """Expand a SLURM hostlist expression, e.g. ``"gpu[01-02,7],cpu1"`` -> ``gpu01 gpu02 gpu07 cpu1``.
+
+    Zero padding is kept and several bracket groups in one name multiply out (``r[1-2]n[1-2]``).
+    """
+    hosts: list[str] = []
+    for term in _split_top_level(nodelist.strip()):
+        hosts.extend(_expand_term(term))
+    return hosts
+
+
+def _split_top_level(text: str) -> list[str]:
+    terms, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += {"[": 1, "]": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            terms.append(text[start:i])
+            start = i + 1
+    terms.append(text[start:])
+    return [t.strip() for t in terms if t.strip()]
+
+
+def _expand_term(term: str) -> list[str]:
+    match = re.search(r"\[([^\]]*)\]", term)
+    if match is None:
+        return [term]
+    head, tail = term[:match.start()], term[match.end():]
+    return [head + item + rest for item in _expand_ranges(match.group(1)) for rest in _expand_term(tail)]
+
+
+def _expand_ranges(spec: str) -> list[str]:
+    items: list[str] = []
+    for part in spec.split(","):
+        lo, _, hi = part.strip().partition("-")
+        if not hi:
+            items.append(lo)
+            continue
+        width = len(lo)
+        items.extend(str(i).zfill(width) for i in range(int(lo), int(hi) + 1))
+    return items
+
+
+def parse_node_addr(scontrol_output: str) -> str | None:
+    """The ``NodeAddr=`` value of one ``scontrol show node -o NAME`` line, or None."""
+    match = re.search(r"(?:^|\s)NodeAddr=(\S+)", scontrol_output)
+    return match.group(1) if match and match.group(1) not in ("(null)", "") else None
+
+
+def job_port(job_id: int | str) -> int:
+    """The per-job rendezvous port: every task of a job computes the same one, jobs rarely collide."""
+    return PORT_BASE + int(job_id) % PORT_SPAN
+
+
+def free_port() -> int:
+    """A TCP port that is free on this host right now (single-process runs)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def query_node_addr(host: str, timeout_s: float = 30.0) -> str | None:
+    """``NodeAddr`` of a SLURM node via ``scontrol show node -o HOST`` (argv list, no shell); None if unknown."""
+    try:
+        out = subprocess.run(["scontrol", "show", "node", "-o", host], capture_output=True, text=True,
+                             timeout=timeout_s, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return parse_node_addr(out.stdout) if out.returncode == 0 else None
+
+
+def slurm_master_addr(environ: Mapping[str, str], node_addr: Callable[[str], str | None] | None = None) -> str:
+    """Address of the first node of this step (or job): its ``NodeAddr`` (``node_addr``, default
+    ``query_node_addr``), else its name."""
+    node_addr = node_addr or query_node_addr
+    nodelist = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST") or environ.get(
+        "SLURM_NODELIST", "")
+    hosts = expand_nodelist(nodelist)
+    if not hosts:
+        return environ.get("SLURMD_NODENAME") or socket.gethostname()
+    return node_addr(hosts[0]) or hosts[0]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rank discovery
+
+
+def resolve_dist_env(environ: Mapping[str, str], node_addr: Callable[[str], str | None] | None = None,
+                     port: Callable[[], int] | None = None) -> tuple[DistEnv, dict[str, str]]:
+    """Decide this process's rank and the environment variables to set; reads but never writes ``environ``.
+
+    Args:
+        environ: the environment to read.
+        node_addr: host name -> NodeAddr (default ``query_node_addr``, which runs scontrol).
+        port: a free port for single-process runs (default ``free_port``).
+
+    Returns:
+        The ``DistEnv`` and the variables (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) that
+        ``torch.distributed``'s env:// rendezvous needs and that are not already set.
+    """
+    if environ.get("RANK") not in (None, ""):
+        env = DistEnv(rank=_int(environ, "RANK"), local_rank=_int(environ, "LOCAL_RANK", default=0),
+                      world_size=_int(environ, "WORLD_SIZE", default=1), source="launcher",
+                      master_addr=environ.get("MASTER_ADDR", ""), master_port=_int(environ, "MASTER_PORT", default=0))
+        return env, {}
+    if _is_slurm_task(environ):
+        world = environ.get("SLURM_STEP_NUM_TASKS") or environ.get("SLURM_NTASKS") or "1"
+        addr = environ.get("MASTER_ADDR") or slurm_master_addr(environ, node_addr)
+        master_port = environ.get("MASTER_PORT") or str(job_port(environ.get("SLURM_JOB_ID", "0")))
+        env = DistEnv(rank=_int(environ, "SLURM_PROCID"), local_rank=_int(environ, "SLURM_LOCALID", default=0),
+                      world_size=int(world), source="slurm", master_addr=addr, master_port=int(master_port))
+    else:
+        addr = environ.get("MASTER_ADDR") or "127.0.0.1"
+        master_port = environ.get("MASTER_PORT") or str((port or free_port)())
+        env = DistEnv(rank=0, local_rank=0, world_size=1, source="single", master_addr=addr,
+                      master_port=int(master_port))
+    updates = {"RANK": str(env.rank), "LOCAL_RANK": str(env.local_rank), "WORLD_SIZE": str(env.world_size),
+               "MASTER_ADDR": env.master_addr, "MASTER_PORT": str(env.master_port)}
+    return env, {k: v for k, v in updates.items() if environ.get(k) != v}
+
+
+def _is_slurm_task(environ: Mapping[str, str]) -> bool:
+    """A task of an ``srun`` step. The batch shell itself also has SLURM_PROCID=0 but no step id: a plain
+    ``python launch.py`` in a batch script is one process, not rank 0 of SLURM_NTASKS."""
+    step = environ.get("SLURM_STEP_ID", environ.get("SLURM_STEPID", ""))
+    return bool(environ.get("SLURM_PROCID")) and step not in ("", "batch", "extern", "4294967294")
+
+
+def _int(environ: Mapping[str, str], key: str, default: int | None = None) -> int:
+    value = environ.get(key, "")
+    if value == "" and default is not None:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {key}={value!r} is not an integer") from None
+
+
+def setup_dist_env(environ: MutableMapping[str, str] | None = None) -> DistEnv:
+    """Discover rank/world and write what ``torch.distributed`` (env://) needs into ``environ``.
+
+    Args:
+        environ: the environment to read and update; ``os.environ`` by default.
+    """
+    environ = os.environ if environ is None else environ
+    env, updates = resolve_dist_env(environ)
+    environ.update(updates)
+    return env
+
+
+def dist_timeout(environ: Mapping[str, str] | None = None) -> timedelta:
+    """Process-group timeout: a collective that waits longer (a rank died or hung) raises instead of hanging.
+
+    Read from ``HD_DIST_TIMEOUT_S`` (seconds), default 600.
+    """
+    environ = os.environ if environ is None else environ
+    raw = environ.get(DIST_TIMEOUT_ENV, "") or str(DEFAULT_DIST_TIMEOUT_S)
+    try:
+        seconds = float(raw)
+    except ValueError:
+        raise ValueError(f"{DIST_TIMEOUT_ENV}={raw!r} must be a number of seconds") from None
+    if seconds <= 0:
+        raise ValueError(f"{DIST_TIMEOUT_ENV}={raw!r} must be > 0")
+    return timedelta(seconds=seconds)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Preemption
+
+
+class StopRequest:
+    """A stop request from SLURM (SIGUSR1/SIGTERM) or a stop file, agreed on by all ranks.
+
+    The signal handlers only set a flag (no I/O but one ``os.write`` to stderr); ``should_stop`` polls the
+    stop file and, when ``torch.distributed`` is initialised, MAX-reduces the local request code over the
+    default group so that every rank stops at the same step. Once agreed, the answer stays True.
+
+    Args:
+        stop_file: a path whose existence requests a stop (default: ``$HD_STOP_FILE``; None/empty: no file).
+        signals: the signals to handle.
+        check_every: with ``step`` given to ``should_stop``, only reduce on steps divisible by this
+            (every rank must pass the same steps).
+    """
+
+    DEFAULT_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGUSR1, signal.SIGTERM)
+
+    def __init__(self, stop_file: str | os.PathLike[str] | None = None,
+                 signals: Iterable[signal.Signals] = DEFAULT_SIGNALS, check_every: int = 1) -> None:
+        if check_every < 1:
+            raise ValueError(f"check_every must be >= 1, got {check_every}")
+        path = stop_file if stop_file is not None else os.environ.get(STOP_FILE_ENV, "")
+        self.stop_file: Path | None = Path(path) if str(path) else None
+        self.signals = tuple(signals)
+        self.check_every = check_every
+        self._local_code = 0
+        self._agreed_code = 0
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> StopRequest:
+        """Install the signal handlers (main thread only); returns self."""
+        for sig in self.signals:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def uninstall(self) -> None:
+        """Restore the handlers that were in place before ``install``."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self._local_code = max(self._local_code, _SIGNAL_CODE_BASE + signum)
+        name = signal.Signals(signum).name
+        os.write(2, f"[hybrid_distill] pid {os.getpid()} received {name}: checkpoint and stop at the next "
+                    "step boundary\n".encode())
+
+    def request(self) -> None:
+        """Request a stop from code (as the stop file would)."""
+        self._local_code = max(self._local_code, _FILE_CODE)
+
+    @property
+    def local_requested(self) -> bool:
+        """Whether this process received a signal or sees the stop file (no collective)."""
+        if self._local_code == 0 and self.stop_file is not None and self.stop_file.exists():
+            self._local_code = _FILE_CODE
+        return self._local_code > 0
+
+    def should_stop(self, device: Any = None, step: int | None = None) -> bool:
+        """True on every rank once any rank has a request; call it on all ranks at each step boundary.
+
+        Args:
+            device: where the one-element tensor for the all_reduce lives (the engine's device: a CUDA
+                device under NCCL, ``"cpu"`` under gloo). Default: cpu.
+            step: the current step; with ``check_every > 1`` the collective only runs when
+                ``step % check_every == 0``.
+        """
+        if self._agreed_code:
+            return True
+        if step is not None and step % self.check_every != 0:
+            return False
+        self.local_requested  # noqa: B018 - polls the stop file
+        self._agreed_code = _all_reduce_max(self._local_code, device)
+        return self._agreed_code > 0
+
+    @property
+    def reason(self) -> str | None:
+        """Why the run is stopping (for logs), or None."""
+        code = self._agreed_code or self._local_code
+        if not code:
+            return None
+        what = (f"signal {signal.Signals(code - _SIGNAL_CODE_BASE).name}" if code >= _SIGNAL_CODE_BASE
+                else f"stop file {self.stop_file}" if self.stop_file else "stop requested")
+        return what if code == self._local_code else f"{what} (received by another rank)"
+
+
+def _all_reduce_max(value: int, device: Any) -> int:
+    """MAX of ``value`` over the default process group, or ``value`` itself when not distributed."""
+    if "torch" not in sys.modules:  # never initialised a process group without importing torch
+        return value
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    tensor = torch.tensor([value], dtype=torch.int32, device=device if device is not None else "cpu")
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CLI for the sbatch scripts
+
+
+def write_hostfile(hosts: Iterable[str], slots: int, out: Path) -> None:
+    """A DeepSpeed hostfile: one ``host slots=N`` line per node."""
+    out.write_text("".join(f"{host} slots={slots}\n" for host in hosts))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``master-addr``: print the rendezvous address of this job; ``hostfile``: write the DeepSpeed hostfile."""
+    parser = argparse.ArgumentParser(prog="python -m hybrid_distill.cluster", description=main.__doc__)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("master-addr", help="NodeAddr of the job's first node (else its name)")
+    host = sub.add_parser("hostfile", help="DeepSpeed hostfile from SLURM_JOB_NODELIST")
+    host.add_argument("--slots", type=int, required=True, help="processes (GPUs) per node")
+    host.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    if args.cmd == "master-addr":
+        print(slurm_master_addr(os.environ))
+        return 0
+    hosts = expand_nodelist(os.environ.get("SLURM_JOB_NODELIST", "")) or [socket.gethostname()]
+    write_hostfile(hosts, args.slots, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,426 @@
+"""Frozen teachers: any timm ViT or open_clip vision tower, in either role (DESIGN 1.1-1.5).
+
+A ``Teacher`` wraps one backbone behind a small uniform surface (embed, blocks, final norm, projection)
+so that one forward pass gives what its role needs:
+
+* MIM role (``mim_targets``): hidden states at the masking blocks -> ``keep_idx``; q, k at blocks
+  ``L-3, L-2`` for the relation targets.
+* feature role (``feature_targets``): last-block tokens after the teacher's own final norm (or before it,
+  or after the open_clip projection), on the student's patch grid.
+
+Each teacher normalises the shared uint8 crop with its own mean/std and sees it at the resolution that
+makes its patch grid equal the student's (CLIP-L/14 at 196 px for a /16 student at 224 px); its
+position embedding is resampled once, when the weights are loaded.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hybrid_distill.config import ConfigError, TeacherConfig
+from hybrid_distill.masking import gather_tokens, keep_count, least_redundant, prefix_then
+from hybrid_distill.qk_capture import QK, attention_of, capture_qk, head_dims
+
+OPENAI_MEAN, OPENAI_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+
+class CheckpointError(RuntimeError):
+    """A teacher checkpoint is missing, unreadable or does not match the architecture."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Backbone adapters: the same four operations for timm and open_clip towers
+
+
+class TimmBackbone(nn.Module):
+    """A timm ViT (VisionTransformer family: MAE, DeiT, DINO, DINOv2, CLIP tower, ...)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.blocks = model.blocks
+        self.num_prefix_tokens = model.num_prefix_tokens
+        self.has_class_token = getattr(model, "cls_token", None) is not None
+        self.embed_dim = model.embed_dim
+        self.grid_size = tuple(model.patch_embed.grid_size)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        return m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(x))))  # (B, P + N, D)
+
+    def final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.norm(x)
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        head = self.model.head
+        if not isinstance(head, nn.Linear):
+            raise ConfigError("feature_teacher.feature=proj needs a timm model with a linear head (e.g. a CLIP tower)")
+        return head(self.model.fc_norm(x))
+
+    @property
+    def out_dim_proj(self) -> int:
+        return self.model.head.out_features
+
+
+class OpenClipBackbone(nn.Module):
+    """An open_clip ``VisionTransformer`` (``model.visual``)."""
+
+    def __init__(self, visual: nn.Module):
+        super().__init__()
+        self.model = visual
+        self.blocks = visual.transformer.resblocks
+        self.num_prefix_tokens = 1
+        self.has_class_token = True
+        self.embed_dim = visual.conv1.out_channels
+        self.grid_size = tuple(visual.grid_size)
+        if not getattr(visual.transformer, "batch_first", True):
+            raise ConfigError("open_clip towers with batch_first=False are not supported")
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        v = self.model
+        x = v.conv1(x).flatten(2).transpose(1, 2)  # (B, N, D)
+        cls = v.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + v.positional_embedding.to(x.dtype)
+        return v.ln_pre(v.patch_dropout(x))
+
+    def final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.ln_post(x)
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.ln_post(x) @ self.model.proj
+
+    @property
+    def out_dim_proj(self) -> int:
+        return self.model.proj.shape[1]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Building: architecture, grid alignment, weights
+
+
+def aligned_img_size(cfg: TeacherConfig, patch_size: int, student_grid: tuple[int, int], student_img: int,
+                     role: str) -> int:
+    """The input size that puts the teacher's patch grid on the student's (or the student's size to resample)."""
+    if cfg.grid_align == "resample":
+        if role == "mim_teacher":
+            raise ConfigError("mim_teacher.grid_align=resample is not supported: the MIM teacher's tokens define "
+                              "keep_idx on the student grid; use mim_teacher.grid_align=resize")
+        return cfg.img_size or student_img
+    want = student_grid[0] * patch_size
+    if student_grid[0] != student_grid[1]:
+        raise ConfigError(f"student grid {student_grid} is not square; teachers align only square grids")
+    if cfg.img_size is not None and cfg.img_size != want:
+        raise ConfigError(
+            f"{role}.img_size={cfg.img_size} gives a {cfg.img_size // patch_size}x{cfg.img_size // patch_size} "
+            f"patch grid but the student's is {student_grid[0]}x{student_grid[1]}: set {role}.img_size={want} "
+            f"(or null), or {role}.grid_align=resample")
+    return want
+
+
+def _timm_kwargs(cfg: TeacherConfig) -> dict:
+    kwargs = {name: getattr(cfg, name) for name in ("embed_dim", "depth", "num_heads", "patch_size")
+              if getattr(cfg, name) is not None}
+    return kwargs
+
+
+def _timm_patch_size(cfg: TeacherConfig) -> int:
+    with torch.device("meta"):
+        model = timm.create_model(cfg.model, pretrained=False, **_timm_kwargs(cfg))
+    return model.patch_embed.patch_size[0]
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a checkpoint file (safetensors, or a torch file read with ``weights_only=True``).
+
+    Unwraps the usual containers (``{"model": ...}`` from the MAE release, ``{"state_dict": ...}``) and a
+    ``module.`` prefix.
+    """
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file {str(path)!r} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            sd = load_file(str(path))
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt/truncated/unsafe file: one clear message
+        raise CheckpointError(f"cannot read checkpoint {str(path)!r}: {type(e).__name__}: {e}") from e
+    for key in ("model", "state_dict", "module"):
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"checkpoint {str(path)!r} does not hold a state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in sd.items()}
+
+
+def _load_timm_file(model: nn.Module, path: Path, model_name: str) -> None:
+    sd = read_state_dict(path)
+    own = model.state_dict()
+    # The official MAE release stores the pre-training decoder beside the encoder: ignore it.
+    sd = {k: v for k, v in sd.items() if k in own or not (k.startswith("decoder") or k == "mask_token")}
+    filter_fn = getattr(importlib.import_module(type(model).__module__), "checkpoint_filter_fn", None)
+    if filter_fn is not None:
+        sd = filter_fn(sd, model)
+    _strict_load(model, sd, path, model_name)
+
+
+def _strict_load(model: nn.Module, sd: dict, path: Path, model_name: str) -> None:
+    own = model.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    shapes = sorted(k for k in set(own) & set(sd) if own[k].shape != sd[k].shape)
+    if missing or unexpected or shapes:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} does not match {model_name!r}: "
+            f"missing keys {missing[:10]}{'...' if len(missing) > 10 else ''}; "
+            f"unexpected keys {unexpected[:10]}{'...' if len(unexpected) > 10 else ''}; "
+            f"shape mismatches {[(k, tuple(sd[k].shape), tuple(own[k].shape)) for k in shapes[:5]]}")
+    model.load_state_dict(sd, strict=True)
+
+
+def build_timm(cfg: TeacherConfig, img_size: int) -> TimmBackbone:
+    """A timm ViT at ``img_size`` with random, hub (``pretrained``) or local-file weights."""
+    kwargs = dict(_timm_kwargs(cfg), img_size=img_size)
+    try:
+        model = timm.create_model(cfg.model, pretrained=cfg.weights == "pretrained", **kwargs)
+    except (RuntimeError, ValueError, TypeError, AssertionError) as e:
+        raise ConfigError(f"cannot build timm teacher {cfg.model!r} with {kwargs}: {e}") from e
+    if cfg.weights not in ("random", "pretrained"):
+        _load_timm_file(model, Path(cfg.weights), cfg.model)
+    if not hasattr(model, "blocks") or not hasattr(model, "patch_embed"):
+        raise ConfigError(f"timm model {cfg.model!r} is not a ViT with `blocks` and `patch_embed`")
+    return TimmBackbone(model)
+
+
+def build_open_clip(cfg: TeacherConfig, img_size: int) -> OpenClipBackbone:
+    """An open_clip vision tower at ``img_size``; position embeddings resized by open_clip's own loader."""
+    import open_clip
+
+    if any(getattr(cfg, n) is not None for n in ("embed_dim", "depth", "num_heads", "patch_size")):
+        raise ConfigError("open_clip teachers take their dimensions from the model config; register a custom "
+                          "config with open_clip.add_model_config instead of setting embed_dim/depth/num_heads")
+    tag = cfg.pretrained_tag if cfg.weights == "pretrained" else None
+    try:
+        model = open_clip.create_model(cfg.model, pretrained=tag, force_quick_gelu=cfg.force_quick_gelu,
+                                       force_image_size=img_size)
+    except RuntimeError as e:
+        raise ConfigError(f"cannot build open_clip teacher {cfg.model!r} (pretrained={tag!r}): {e}") from e
+    if cfg.weights not in ("random", "pretrained"):
+        _load_open_clip_file(model, Path(cfg.weights), cfg.model)
+    return OpenClipBackbone(model.visual)
+
+
+def _load_open_clip_file(model: nn.Module, path: Path, model_name: str) -> None:
+    from open_clip.model import resize_pos_embed
+
+    sd = read_state_dict(path)
+    if not any(k.startswith("visual.") for k in sd):
+        raise CheckpointError(f"checkpoint {str(path)!r} has no `visual.*` keys: not an open_clip CLIP checkpoint "
+                              f"for {model_name!r}")
+    resize_pos_embed(sd, model)
+    _strict_load(model, sd, path, model_name)
+
+
+def _open_clip_patch_size(cfg: TeacherConfig) -> int:
+    import open_clip
+
+    model_cfg = open_clip.get_model_config(cfg.model)
+    if model_cfg is None:
+        raise ConfigError(f"unknown open_clip model {cfg.model!r}; see open_clip.list_models()")
+    return model_cfg["vision_cfg"]["patch_size"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The teacher
+
+
+@dataclass
+class MimTargets:
+    """What the MIM teacher gives the loss.
+
+    Attributes:
+        keep_idx: ``(B, N')`` kept positions on the student's token grid (CLS first).
+        qk: ``[(q, k)]`` at the relation blocks, ``(B, H, M, d)``.
+        qk_index: per relation block, ``(B, N')`` positions of the kept tokens along ``M`` (``keep_idx`` when the
+            teacher saw all tokens; positions within its pruned sequence when it pruned).
+    """
+
+    keep_idx: torch.Tensor
+    qk: list[QK]
+    qk_index: list[torch.Tensor]
+
+
+class Teacher(nn.Module):
+    """A frozen teacher (eval mode forever, no gradients).
+
+    Args:
+        backbone: the wrapped timm or open_clip tower.
+        img_size: input size it sees (the crop is resized on the device when it differs).
+        mean, std: its own input normalisation.
+        grid_size: the student's patch grid (targets are delivered on it).
+    """
+
+    def __init__(self, backbone: TimmBackbone | OpenClipBackbone, img_size: int, mean, std,
+                 grid_size: tuple[int, int]):
+        super().__init__()
+        self.backbone = backbone
+        self.img_size = img_size
+        self.grid_size = grid_size
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255, persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255, persistent=False)
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> Teacher:
+        """Teachers stay in eval mode whatever the caller asks."""
+        return super().train(False)
+
+    @property
+    def depth(self) -> int:
+        return len(self.backbone.blocks)
+
+    @property
+    def num_heads(self) -> int:
+        return head_dims(attention_of(self.backbone.blocks[0]))[0]
+
+    @property
+    def head_dim(self) -> int:
+        return head_dims(attention_of(self.backbone.blocks[0]))[1]
+
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 ``(B, 3, S, S)`` crop -> this teacher's normalised input at its own size and dtype."""
+        dtype = self.backbone.model.patch_embed.proj.weight.dtype if isinstance(self.backbone, TimmBackbone) \
+            else self.backbone.model.conv1.weight.dtype
+        x = images.float()
+        if x.shape[-1] != self.img_size or x.shape[-2] != self.img_size:
+            x = F.interpolate(x, size=(self.img_size, self.img_size), mode="bicubic", antialias=True,
+                              align_corners=False).clamp_(0, 255)
+        return ((x - self.mean) / self.std).to(dtype)
+
+    def _cls_and_patches(self, x: torch.Tensor) -> torch.Tensor:
+        """Drop register tokens: ``(B, P + N, D)`` -> ``(B, 1 + N, D)``, CLS first."""
+        P = self.backbone.num_prefix_tokens
+        if P == 1:
+            return x
+        return torch.cat([x[:, :1], x[:, P:]], dim=1)
+
+    # -- MIM role --------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def mim_targets(self, images: torch.Tensor, drop_ratio: float, mask_layers: list[int],
+                    prunes: bool = False) -> MimTargets:
+        """keep_idx from progressive masking on this teacher's hidden states, and q, k at blocks L-3, L-2.
+
+        With ``prunes=False`` the teacher runs on every token and the masking scores the full-sequence output
+        of each masking block. With ``prunes=True`` it continues on the kept tokens only after each masking
+        block (cheaper; relations then come from a pruned sequence, as in PCAE).
+        """
+        b = self.backbone
+        if not b.has_class_token:
+            raise ConfigError("the MIM teacher needs a CLS token (its relations cover CLS + patches)")
+        relation_blocks = [self.depth - 3, self.depth - 2]
+        last = max(relation_blocks + list(mask_layers))
+        x = b.embed(self.prepare(images))
+        B, P = x.shape[0], b.num_prefix_tokens
+        kept = torch.arange(P, x.shape[1], device=x.device).expand(B, -1)  # (B, n) kept patches, full-seq positions
+        seq_patches = {}  # relation block -> full-seq positions of the patch tokens in its input
+        with capture_qk(b.blocks, relation_blocks) as qk:
+            for i, block in enumerate(b.blocks[: last + 1]):
+                if i in relation_blocks:
+                    seq_patches[i] = kept if prunes else torch.arange(P, x.shape[1], device=x.device).expand(B, -1)
+                x = block(x)
+                if i in mask_layers:
+                    kept, x = self._mask_step(x, kept, drop_ratio, prunes)
+        keep_idx = prefix_then(kept - (P - 1), 1)  # on the student's grid: CLS at 0, patch j at 1 + j
+        qk_index = [prefix_then(torch.searchsorted(seq_patches[i].contiguous(), kept.contiguous()) + 1, 1)
+                    for i in relation_blocks]
+        return MimTargets(keep_idx=keep_idx, qk=[self._relations_view(qk[i]) for i in relation_blocks],
+                          qk_index=qk_index)
+
+    def _mask_step(self, x: torch.Tensor, kept: torch.Tensor, drop_ratio: float, prunes: bool):
+        """One stage of Eq. 4: score the kept patch tokens of block output ``x``, drop the most redundant."""
+        P = self.backbone.num_prefix_tokens
+        candidates = x[:, P:] if prunes else gather_tokens(x, kept)  # pruned x holds prefix + kept only
+        chosen = least_redundant(candidates, keep_count(kept.shape[1], drop_ratio))  # (B, n') into candidates
+        kept = kept.gather(1, chosen)
+        if prunes:
+            x = torch.cat([x[:, :P], gather_tokens(x[:, P:], chosen)], dim=1)
+        return kept, x
+
+    def _relations_view(self, qk: QK) -> QK:
+        q, k = qk
+        P = self.backbone.num_prefix_tokens
+        if P == 1:
+            return q, k
+        # registers are not part of the student's sequence: keep CLS + patches
+        return torch.cat([q[:, :, :1], q[:, :, P:]], dim=2), torch.cat([k[:, :, :1], k[:, :, P:]], dim=2)
+
+    # -- feature role ----------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def feature_targets(self, images: torch.Tensor, feature: str = "norm") -> torch.Tensor:
+        """Last-block tokens ``(B, 1 + N, D_t)`` (CLS + patches on the student's grid), before whitening.
+
+        Args:
+            images: uint8 crop ``(B, 3, S, S)``.
+            feature: ``norm`` (after the final norm), ``prenorm`` (last block output) or ``proj`` (after the
+                CLIP projection).
+        """
+        b = self.backbone
+        if not b.has_class_token:
+            raise ConfigError("the feature teacher needs a CLS token (the student's CLS is distilled from it)")
+        x = b.embed(self.prepare(images))
+        for block in b.blocks:
+            x = block(x)
+        if feature == "norm":
+            x = b.final_norm(x)
+        elif feature == "proj":
+            x = b.project(x)
+        x = self._cls_and_patches(x)
+        return self._to_student_grid(x)
+
+    def feature_dim(self, feature: str = "norm") -> int:
+        return self.backbone.out_dim_proj if feature == "proj" else self.backbone.embed_dim
+
+    def _to_student_grid(self, x: torch.Tensor) -> torch.Tensor:
+        """Resample the patch-token map to the student's grid when they differ (``grid_align=resample``)."""
+        grid = self.backbone.grid_size
+        if tuple(grid) == tuple(self.grid_size):
+            return x
+        cls, patches = x[:, :1], x[:, 1:]
+        B, _, D = patches.shape
+        maps = patches.transpose(1, 2).reshape(B, D, *grid).float()
+        maps = F.interpolate(maps, size=self.grid_size, mode="bilinear", align_corners=False, antialias=True)
+        return torch.cat([cls, maps.flatten(2).transpose(1, 2).to(x.dtype)], dim=1)
+
+
+def build_teacher(cfg: TeacherConfig, role: str, student_grid: tuple[int, int], student_img: int) -> Teacher:
+    """Build, load and freeze a teacher for ``role`` ("mim_teacher" or "feature_teacher").
+
+    Raises:
+        ConfigError: unknown model, or a patch grid that cannot be aligned with the student's.
+        CheckpointError: missing/corrupt checkpoint file or keys that do not match the architecture.
+    """
+    if cfg.weights not in ("random", "pretrained") and not Path(cfg.weights).is_file():
+        raise CheckpointError(f"{role}.weights={cfg.weights!r}: no such checkpoint file "
+                              "(use random, pretrained, or a path to a local checkpoint)")
+    if cfg.library == "timm":
+        img_size = aligned_img_size(cfg, _timm_patch_size(cfg), student_grid, student_img, role)
+        backbone = build_timm(cfg, img_size)
+        mean = cfg.mean or backbone.model.pretrained_cfg.get("mean")
+        std = cfg.std or backbone.model.pretrained_cfg.get("std")
+    else:
+        img_size = aligned_img_size(cfg, _open_clip_patch_size(cfg), student_grid, student_img, role)
+        backbone = build_open_clip(cfg, img_size)
+        mean, std = cfg.mean or OPENAI_MEAN, cfg.std or OPENAI_STD
+    if cfg.grid_align == "resize" and tuple(backbone.grid_size) != tuple(student_grid):
+        raise ConfigError(f"{role} {cfg.model!r} has a {backbone.grid_size} patch grid at {img_size} px; the "
+                          f"student's is {student_grid}: they cannot be aligned")
+    return Teacher(backbone, img_size, mean, std, grid_size=student_grid)

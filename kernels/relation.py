@@ -1,0 +1,504 @@
+"""Fused Triton kernels for the masked relation loss and the masked relation gathering.
+
+Layers: raw kernel bodies (``_relation_rows_kernel``, ``_gather_kernel``) -> launchers
+(``_launch_relation``, ``_launch_gather``) -> torch custom ops with autograd (``hd_kernels::relation_loss``,
+``hd_kernels::gather_relations``, so ``torch.compile`` traces through them) -> the functions
+``relation_loss_triton`` / ``gather_relations_triton`` that :mod:`kernels` dispatches to.
+
+Algorithm (flash-attention-like, no softmax). For one (b, h), a block of rows i and a block of columns j:
+
+    S_ij = q_s[i]·k_s[j]·scale                      student relation tile   (BLOCK_M, BLOCK_N), fp32
+    T_ij = q_t[keep[i]]·k_t[keep[j]]·scale          teacher rows gathered by keep_idx while loading
+    loss += smoothL1_β(S_ij − T_ij)
+    G_ij  = clamp((S_ij − T_ij)/β, −1, 1)·scale     (divided by count = B·H·N'² at the end)
+    dq_s[i] += G_ij k_s[j];   dk_s[j] += G_ijᵀ q_s[i]
+
+The smooth-L1 gradient of a tile depends only on that tile, so the forward also produces dq_s and dk_s
+and the backward only multiplies them by grad_output. No N'×N' (or N×N) tensor is ever allocated: the
+extra memory is the two gradients, a (B·H·row-blocks,) vector of partial losses and, in the default
+(atomic) mode, an fp32 dk accumulator when inputs are not fp32.
+
+FLOPs: 8·N'²·d per (b, h) for forward+backward (S, T, dq_s, dk_s). Deterministic mode recomputes S and T
+in a second pass over column blocks (dk_s without atomics): 12·N'²·d.
+
+Modes:
+    * default: one launch, grid (B·H·row-blocks,); dq_s written by the owning program, dk_s by fp32
+      ``tl.atomic_add`` (order of additions varies run to run: not bit-reproducible).
+    * deterministic: the same kernel launched twice, the second time with the roles of q and k swapped
+      (S_ijᵀ = k_s[j]·q_s[i], so "dq" of the swapped problem is dk_s); no atomics, partial losses summed
+      in a fixed order: bit-identical run to run.
+
+Numerics: fp32 accumulation; fp16/bf16 operands go to the tensor cores, G is rounded to the input dtype
+before the G·k and Gᵀ·q products (as flash-attention does with P); fp32 inputs use IEEE fp32 dots unless
+``torch.backends.cuda.matmul.allow_tf32`` is set (same contract as the eager reference). Gradients are
+returned in the input dtype, except fp16 whose gradients are kept in fp32 until multiplied by
+grad_output (1/count is tiny and would underflow fp16).
+
+Inputs: any strides (pointer arithmetic, no copies), head dims padded with masks to the next power of two
+(>= 16), any N' >= 1, any N, keep_idx int32/int64. Plain pointer arithmetic only (``tl.make_block_ptr`` is
+gone in Triton 3.8); written for Triton 3.6 and 3.8.
+
+Interpreter: the kernels are created lazily, per call, as compiled ``JITFunction`` or as the CPU
+interpreter's ``InterpretedFunction`` according to ``TRITON_INTERPRET`` *at call time*, so tests can switch
+the interpreter on with an environment variable whatever was imported first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = [
+    "relation_loss_triton",
+    "gather_relations_triton",
+    "interpret_mode",
+    "relation_kernel_configs",
+    "gather_kernel_configs",
+    "RELATION_KERNEL",
+    "GATHER_KERNEL",
+]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Kernels (raw bodies; see ``_kernel`` for how they are jitted). No @triton.jit helpers are called from
+# them, so the same body runs compiled or interpreted.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _relation_rows_kernel(
+    a_s_ptr,  # (B, H, M, DS) student rows operand: q_s (or k_s in the swapped pass)
+    b_s_ptr,  # (B, H, M, DS) student columns operand: k_s (or q_s)
+    a_t_ptr,  # (B, H, N, DT) teacher rows operand: q_t (or k_t), gathered by keep
+    b_t_ptr,  # (B, H, N, DT) teacher columns operand: k_t (or q_t), gathered by keep
+    keep_ptr,  # (B, M) int32/int64 kept positions
+    grad_a_ptr,  # (B, H, M, DS) contiguous, out: dloss/da (divided by count)
+    grad_b_ptr,  # (B, H, M, DS) contiguous fp32, out (ATOMIC_GRAD_B): dloss/db accumulated with atomics
+    loss_ptr,  # (B*H*num_row_blocks,) fp32, out (COMPUTE_LOSS): partial sums of smooth-L1
+    H,
+    M,
+    DS,
+    DT,
+    scale,
+    beta,
+    inv_beta,
+    inv_count,
+    s_as_b,
+    s_as_h,
+    s_as_n,
+    s_as_d,
+    s_bs_b,
+    s_bs_h,
+    s_bs_n,
+    s_bs_d,
+    s_at_b,
+    s_at_h,
+    s_at_n,
+    s_at_d,
+    s_bt_b,
+    s_bt_h,
+    s_bt_n,
+    s_bt_d,
+    s_keep_b,
+    s_keep_n,
+    s_g_b,
+    s_g_h,
+    s_g_n,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_DS: tl.constexpr,
+    BLOCK_DT: tl.constexpr,
+    COMPUTE_LOSS: tl.constexpr,
+    ATOMIC_GRAD_B: tl.constexpr,
+    IS_L1: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    num_m = tl.cdiv(M, BLOCK_M)
+    pid = tl.program_id(0)
+    pid_m = pid % num_m
+    pid_bh = (pid // num_m).to(tl.int64)
+    off_b = pid_bh // H
+    off_h = pid_bh % H
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,)
+    offs_ds = tl.arange(0, BLOCK_DS)  # (BDS,)
+    offs_dt = tl.arange(0, BLOCK_DT)  # (BDT,)
+    mask_m = offs_m < M
+    mask_ds = offs_ds < DS
+    mask_dt = offs_dt < DT
+
+    # Row operands: student rows straight, teacher rows gathered through keep. Masked lanes load 0, so padded
+    # rows/columns/head-dims give S = T = 0, a zero loss and a zero gradient without further masking.
+    keep_m = tl.load(keep_ptr + off_b * s_keep_b + offs_m * s_keep_n, mask=mask_m, other=0).to(tl.int64)
+    a_s = tl.load(
+        a_s_ptr + off_b * s_as_b + off_h * s_as_h + offs_m[:, None] * s_as_n + offs_ds[None, :] * s_as_d,
+        mask=mask_m[:, None] & mask_ds[None, :],
+        other=0.0,
+    )  # (BM, BDS)
+    a_t = tl.load(
+        a_t_ptr + off_b * s_at_b + off_h * s_at_h + keep_m[:, None] * s_at_n + offs_dt[None, :] * s_at_d,
+        mask=mask_m[:, None] & mask_dt[None, :],
+        other=0.0,
+    )  # (BM, BDT)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_DS), dtype=tl.float32)  # (BM, BDS) sum_j G_ij b_j
+    loss_rows = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for start_n in range(0, M, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)  # (BN,)
+        mask_n = offs_n < M
+        keep_n = tl.load(keep_ptr + off_b * s_keep_b + offs_n * s_keep_n, mask=mask_n, other=0).to(tl.int64)
+        b_s = tl.load(
+            b_s_ptr + off_b * s_bs_b + off_h * s_bs_h + offs_n[:, None] * s_bs_n + offs_ds[None, :] * s_bs_d,
+            mask=mask_n[:, None] & mask_ds[None, :],
+            other=0.0,
+        )  # (BN, BDS)
+        b_t = tl.load(
+            b_t_ptr + off_b * s_bt_b + off_h * s_bt_h + keep_n[:, None] * s_bt_n + offs_dt[None, :] * s_bt_d,
+            mask=mask_n[:, None] & mask_dt[None, :],
+            other=0.0,
+        )  # (BN, BDT)
+        s = tl.dot(a_s, tl.trans(b_s), input_precision=PRECISION)  # (BM, BN) fp32
+        t = tl.dot(a_t, tl.trans(b_t), input_precision=PRECISION)  # (BM, BN) fp32
+        x = (s - t) * scale
+        if COMPUTE_LOSS:
+            ax = tl.abs(x)
+            elem = tl.where(ax < beta, 0.5 * x * x * inv_beta, ax - 0.5 * beta)
+            loss_rows += tl.sum(elem, axis=1)
+        if IS_L1:
+            g = tl.where(x > 0.0, 1.0, tl.where(x < 0.0, -1.0, 0.0))
+        else:
+            g = tl.minimum(tl.maximum(x * inv_beta, -1.0), 1.0)
+        g = (g * scale).to(b_s.dtype)  # (BM, BN): rounded to the operand dtype for the tensor cores
+        acc = tl.dot(g, b_s, acc, input_precision=PRECISION)
+        if ATOMIC_GRAD_B:
+            gb = tl.dot(tl.trans(g), a_s, input_precision=PRECISION) * inv_count  # (BN, BDS)
+            tl.atomic_add(
+                grad_b_ptr + off_b * s_g_b + off_h * s_g_h + offs_n[:, None] * s_g_n + offs_ds[None, :],
+                gb,
+                mask=mask_n[:, None] & mask_ds[None, :],
+                sem="relaxed",
+            )
+
+    acc = acc * inv_count
+    tl.store(
+        grad_a_ptr + off_b * s_g_b + off_h * s_g_h + offs_m[:, None] * s_g_n + offs_ds[None, :],
+        acc.to(grad_a_ptr.dtype.element_ty),
+        mask=mask_m[:, None] & mask_ds[None, :],
+    )
+    if COMPUTE_LOSS:
+        tl.store(loss_ptr + pid, tl.sum(loss_rows, axis=0))
+
+
+def _gather_kernel(
+    q_ptr,  # (B, H, N, D)
+    k_ptr,  # (B, H, N, D)
+    keep_ptr,  # (B, M)
+    out_ptr,  # (B, H, M, M) contiguous fp32
+    H,
+    M,
+    D,
+    scale,
+    s_q_b,
+    s_q_h,
+    s_q_n,
+    s_q_d,
+    s_k_b,
+    s_k_h,
+    s_k_n,
+    s_k_d,
+    s_keep_b,
+    s_keep_n,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(M, BLOCK_N)
+    pid = tl.program_id(0)
+    pid_n = pid % num_n
+    pid_m = (pid // num_n) % num_m
+    pid_bh = (pid // (num_n * num_m)).to(tl.int64)
+    off_b = pid_bh // H
+    off_h = pid_bh % H
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < M
+    mask_n = offs_n < M
+    mask_d = offs_d < D
+    keep_m = tl.load(keep_ptr + off_b * s_keep_b + offs_m * s_keep_n, mask=mask_m, other=0).to(tl.int64)
+    keep_n = tl.load(keep_ptr + off_b * s_keep_b + offs_n * s_keep_n, mask=mask_n, other=0).to(tl.int64)
+    q = tl.load(
+        q_ptr + off_b * s_q_b + off_h * s_q_h + keep_m[:, None] * s_q_n + offs_d[None, :] * s_q_d,
+        mask=mask_m[:, None] & mask_d[None, :],
+        other=0.0,
+    )  # (BM, BD)
+    k = tl.load(
+        k_ptr + off_b * s_k_b + off_h * s_k_h + keep_n[:, None] * s_k_n + offs_d[None, :] * s_k_d,
+        mask=mask_n[:, None] & mask_d[None, :],
+        other=0.0,
+    )  # (BN, BD)
+    r = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # (BM, BN) fp32
+    out = out_ptr + pid_bh * M * M + offs_m[:, None] * M + offs_n[None, :]
+    tl.store(out, r, mask=mask_m[:, None] & mask_n[None, :])
+
+
+RELATION_KERNEL = _relation_rows_kernel
+GATHER_KERNEL = _gather_kernel
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Jitting and configuration
+# ----------------------------------------------------------------------------------------------------------
+
+
+def interpret_mode() -> bool:
+    """Whether Triton kernels run under the CPU interpreter now (``TRITON_INTERPRET`` read at call time)."""
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")  # pragma: no cover
+
+
+@functools.cache
+def _kernel(fn, interpret: bool):
+    """The jitted (or interpreted) version of a raw kernel body, cached per mode."""
+    if interpret:
+        from triton.runtime.interpreter import InterpretedFunction
+
+        return InterpretedFunction(fn)
+    return triton.JITFunction(fn)
+
+
+def _pad_dim(d: int) -> int:
+    """Head dim padded to a power of two, at least 16 (the smallest tl.dot operand)."""
+    return max(16, triton.next_power_of_2(d))
+
+
+def _block_sizes(m: int, d_pad: int) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N) for N' = m rows and a padded head dim: 64×64 tiles, smaller for tiny N' or wide heads."""
+    block = max(16, min(64, triton.next_power_of_2(m)))
+    return block, (block if d_pad <= 64 else min(block, 32))
+
+
+def _precision(*dtypes: torch.dtype) -> str:
+    """tl.dot input precision: TF32 for fp32 operands only when torch allows TF32 matmuls (same as the reference)."""
+    if torch.float32 in dtypes and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def relation_kernel_configs(dtypes=(torch.float16, torch.bfloat16, torch.float32), dims=(16, 32, 64, 80, 128)):
+    """Every constexpr combination the relation launcher can ship, for ahead-of-time compile tests.
+
+    Returns:
+        List of dicts: dtype, d (head dim, before padding), constexprs.
+    """
+    out = []
+    for dtype in dtypes:
+        for d in dims:
+            d_pad = _pad_dim(d)
+            for m in (16, 64):
+                bm, bn = _block_sizes(m, d_pad)
+                for compute_loss, atomic in ((True, True), (True, False), (False, False)):
+                    for prec in ("ieee", "tf32") if dtype == torch.float32 else ("tf32",):
+                        constexprs = dict(
+                            BLOCK_M=bm, BLOCK_N=bn, BLOCK_DS=d_pad, BLOCK_DT=d_pad, COMPUTE_LOSS=compute_loss,
+                            ATOMIC_GRAD_B=atomic, IS_L1=False, PRECISION=prec,
+                        )  # fmt: skip
+                        out.append(dict(dtype=dtype, d=d, constexprs=constexprs))
+    out.append(dict(dtype=torch.bfloat16, d=64, constexprs={**out[0]["constexprs"], "IS_L1": True}))
+    return out
+
+
+def gather_kernel_configs(dtypes=(torch.float16, torch.bfloat16, torch.float32), dims=(16, 32, 64, 80, 128)):
+    """Every constexpr combination of the gather kernel (see :func:`relation_kernel_configs`)."""
+    out = []
+    for dtype in dtypes:
+        for d in dims:
+            for m in (16, 64):
+                bm, bn = _block_sizes(m, _pad_dim(d))
+                prec = "ieee" if dtype == torch.float32 else "tf32"
+                out.append(dict(dtype=dtype, d=d, constexprs=dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pad_dim(d), PRECISION=prec)))
+    return out
+
+
+def _device_ctx(t: torch.Tensor):
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _grad_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp16 gradients stay fp32 until scaled by grad_output (1/count underflows fp16)."""
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _launch_rows(a_s, b_s, a_t, b_t, keep, grad_a, grad_b, loss_part, beta, scale, inv_count, compute_loss, atomic):
+    """One pass of ``_relation_rows_kernel`` over all (b, h, row-block) programs; see module docstring."""
+    bsz, heads, m, ds = a_s.shape
+    dt = a_t.shape[-1]
+    d_pad_s, d_pad_t = _pad_dim(ds), _pad_dim(dt)
+    block_m, block_n = _block_sizes(m, max(d_pad_s, d_pad_t))
+    grid = (bsz * heads * triton.cdiv(m, block_m),)
+    kernel = _kernel(_relation_rows_kernel, interpret_mode())
+    kernel[grid](
+        a_s, b_s, a_t, b_t, keep, grad_a, grad_b, loss_part,
+        heads, m, ds, dt, scale, beta, (1.0 / beta) if beta > 0 else 0.0, inv_count,
+        *a_s.stride(), *b_s.stride(), *a_t.stride(), *b_t.stride(), *keep.stride(), *grad_a.stride()[:3],
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DS=d_pad_s, BLOCK_DT=d_pad_t,
+        COMPUTE_LOSS=compute_loss, ATOMIC_GRAD_B=atomic, IS_L1=beta == 0, PRECISION=_precision(a_s.dtype, a_t.dtype),
+        num_warps=4, num_stages=2,
+    )  # fmt: skip
+    return triton.cdiv(m, block_m)
+
+
+def _launch_relation(q_s, k_s, q_t, k_t, keep_idx, beta, scale, deterministic, need_grad):
+    """Fused loss (and, if need_grad, dloss/dq_s and dloss/dk_s for grad_output = 1).
+
+    Returns:
+        (loss (), dq (B, H, N', d_s), dk (B, H, N', d_s)); the gradients are empty when not need_grad.
+    """
+    bsz, heads, m, ds = q_s.shape
+    inv_count = 1.0 / float(bsz * heads * m * m)
+    gdtype = _grad_dtype(q_s.dtype)
+    dq = torch.empty((bsz, heads, m, ds), device=q_s.device, dtype=gdtype)  # (B, H, N', d_s)
+    atomic = need_grad and not deterministic
+    dk_acc = torch.zeros((bsz, heads, m, ds), device=q_s.device, dtype=torch.float32) if atomic else dq
+    num_m = triton.cdiv(m, _block_sizes(m, max(_pad_dim(ds), _pad_dim(q_t.shape[-1])))[0])
+    loss_part = torch.empty((bsz * heads * num_m,), device=q_s.device, dtype=torch.float32)
+    with _device_ctx(q_s):
+        _launch_rows(q_s, k_s, q_t, k_t, keep_idx, dq, dk_acc, loss_part, beta, scale, inv_count, True, atomic)
+        if need_grad and deterministic:
+            dk = torch.empty_like(dq)
+            _launch_rows(k_s, q_s, k_t, q_t, keep_idx, dk, dk, loss_part, beta, scale, inv_count, False, False)
+        elif need_grad:
+            dk = dk_acc if gdtype == torch.float32 else dk_acc.to(gdtype)
+    loss = (loss_part.sum(dtype=torch.float64) * inv_count).to(torch.float32)
+    if not need_grad:
+        empty = q_s.new_empty((0,), dtype=gdtype)
+        return loss, empty, empty.clone()
+    return loss, dq, dk
+
+
+def _launch_gather(q_t, k_t, keep_idx, scale):
+    """(q_t[keep] @ k_t[keep]ᵀ)·scale -> fp32 (B, H, N', N')."""
+    bsz, heads, _, d = q_t.shape
+    m = keep_idx.shape[1]
+    out = torch.empty((bsz, heads, m, m), device=q_t.device, dtype=torch.float32)
+    d_pad = _pad_dim(d)
+    block_m, block_n = _block_sizes(m, d_pad)
+    grid = (bsz * heads * triton.cdiv(m, block_m) * triton.cdiv(m, block_n),)
+    kernel = _kernel(_gather_kernel, interpret_mode())
+    with _device_ctx(q_t):
+        kernel[grid](
+            q_t, k_t, keep_idx, out, heads, m, d, scale, *q_t.stride(), *k_t.stride(), *keep_idx.stride(),
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=d_pad, PRECISION=_precision(q_t.dtype), num_warps=4,
+        )  # fmt: skip
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Custom ops + autograd
+# ----------------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("hd_kernels::relation_loss", mutates_args=())
+def _relation_loss_op(
+    q_s: torch.Tensor,
+    k_s: torch.Tensor,
+    q_t: torch.Tensor,
+    k_t: torch.Tensor,
+    keep_idx: torch.Tensor,
+    beta: float,
+    scale: float,
+    deterministic: bool,
+    need_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _launch_relation(q_s, k_s, q_t, k_t, keep_idx, beta, scale, deterministic, need_grad)
+
+
+@_relation_loss_op.register_fake
+def _relation_loss_fake(q_s, k_s, q_t, k_t, keep_idx, beta, scale, deterministic, need_grad):
+    gdtype = _grad_dtype(q_s.dtype)
+    shape = q_s.shape if need_grad else (0,)
+    loss = q_s.new_empty((), dtype=torch.float32)
+    return loss, q_s.new_empty(shape, dtype=gdtype), q_s.new_empty(shape, dtype=gdtype)
+
+
+def _setup_context(ctx, inputs, output):
+    q_s, k_s = inputs[0], inputs[1]
+    _, dq, dk = output
+    ctx.save_for_backward(dq, dk)
+    ctx.dtypes = (q_s.dtype, k_s.dtype)
+    ctx.mark_non_differentiable(dq, dk)
+
+
+def _backward(ctx, grad_loss, _grad_dq, _grad_dk):
+    dq, dk = ctx.saved_tensors
+    if dq.numel() == 0 and ctx.needs_input_grad[0] | ctx.needs_input_grad[1]:
+        raise RuntimeError("relation_loss was run without gradients (need_grad=False) but backward was called")
+    g = grad_loss.to(torch.float32)
+    grad_q = (dq * g).to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
+    grad_k = (dk * g).to(ctx.dtypes[1]) if ctx.needs_input_grad[1] else None
+    return grad_q, grad_k, None, None, None, None, None, None, None
+
+
+_relation_loss_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("hd_kernels::gather_relations", mutates_args=())
+def _gather_relations_op(q_t: torch.Tensor, k_t: torch.Tensor, keep_idx: torch.Tensor, scale: float) -> torch.Tensor:
+    return _launch_gather(q_t, k_t, keep_idx, scale)
+
+
+@_gather_relations_op.register_fake
+def _gather_relations_fake(q_t, k_t, keep_idx, scale):
+    m = keep_idx.shape[1]
+    return q_t.new_empty((q_t.shape[0], q_t.shape[1], m, m), dtype=torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Functional entry points (arguments already validated by :mod:`kernels`)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def relation_loss_triton(
+    q_s: torch.Tensor,
+    k_s: torch.Tensor,
+    q_t: torch.Tensor,
+    k_t: torch.Tensor,
+    keep_idx: torch.Tensor,
+    beta: float,
+    scale: float,
+    deterministic: bool = False,
+) -> torch.Tensor:
+    """Fused relation loss (see module docstring); the teacher is never differentiated.
+
+    Args:
+        q_s, k_s: student (B, H, N', d_s). q_t, k_t: teacher (B, H, N, d_t). keep_idx: (B, N').
+        beta: smooth-L1 threshold (>= 0). scale: multiplier of both q·kᵀ products.
+        deterministic: two passes, no atomics, bit-reproducible.
+
+    Returns:
+        Scalar fp32 loss with autograd to q_s and k_s.
+    """
+    need_grad = torch.is_grad_enabled() and (q_s.requires_grad or k_s.requires_grad)
+    loss, _, _ = _relation_loss_op(
+        q_s, k_s, q_t.detach(), k_t.detach(), keep_idx, float(beta), float(scale), bool(deterministic), need_grad
+    )
+    return loss
+
+
+def gather_relations_triton(q_t: torch.Tensor, k_t: torch.Tensor, keep_idx: torch.Tensor, scale: float) -> torch.Tensor:
+    """Triton ``gather_relations``: fp32 (B, H, N', N') (q_t[keep] @ k_t[keep]ᵀ)·scale, no gradient."""
+    return _gather_relations_op(q_t.detach(), k_t.detach(), keep_idx, float(scale))

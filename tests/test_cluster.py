@@ -1,0 +1,204 @@
+"""Unit tests for ``hybrid_distill.cluster``: rank discovery from launcher/SLURM/nothing and the stop request."""
+
+from __future__ import annotations
+
+import os
+import signal
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from hybrid_distill import cluster
+from hybrid_distill.cluster import DistEnv, StopRequest
+
+SLURM_TASK = {
+    "SLURM_JOB_ID": "12345", "SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_NTASKS": "4",
+    "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "4", "SLURM_JOB_NODELIST": "gpu[07-08]",
+    "SLURM_STEP_NODELIST": "gpu[07-08]",
+}
+
+
+def _no_scontrol(host: str) -> str | None:
+    raise AssertionError("scontrol must not be queried")
+
+
+@pytest.mark.parametrize("nodelist, hosts", [
+    ("n1", ["n1"]),
+    ("n[1-2]", ["n1", "n2"]),
+    ("gpu[01-03,7],cpu1", ["gpu01", "gpu02", "gpu03", "gpu7", "cpu1"]),
+    ("r[1-2]n[8-9]", ["r1n8", "r1n9", "r2n8", "r2n9"]),
+    ("a-b[009-010].x", ["a-b009.x", "a-b010.x"]),
+    ("", []),
+])
+def test_expand_nodelist(nodelist: str, hosts: list[str]) -> None:
+    assert cluster.expand_nodelist(nodelist) == hosts
+
+
+def test_parse_node_addr() -> None:
+    line = "NodeName=n1 Arch=x86_64 CoresPerSocket=1 NodeAddr=10.1.2.3 NodeHostName=n1 Version=22.05.8"
+    assert cluster.parse_node_addr(line) == "10.1.2.3"
+    assert cluster.parse_node_addr("Node n9 not found") is None
+    assert cluster.parse_node_addr("NodeName=x NodeAddr=(null)") is None
+
+
+def test_job_port_is_stable_and_in_range() -> None:
+    assert cluster.job_port("12345") == cluster.job_port(12345) == 20000 + 12345
+    assert all(20000 <= cluster.job_port(j) < 40000 for j in (0, 19999, 20000, 987654321))
+
+
+def test_launcher_env_is_kept() -> None:
+    environ = {"RANK": "5", "LOCAL_RANK": "1", "WORLD_SIZE": "8", "MASTER_ADDR": "h0", "MASTER_PORT": "29500",
+               **SLURM_TASK}
+    env, updates = cluster.resolve_dist_env(environ, node_addr=_no_scontrol)
+    assert env == DistEnv(5, 1, 8, "launcher", "h0", 29500)
+    assert updates == {}
+
+
+def test_slurm_env_is_mapped() -> None:
+    queried: list[str] = []
+
+    def node_addr(host: str) -> str:
+        queried.append(host)
+        return "10.0.0.7"
+
+    env, updates = cluster.resolve_dist_env(dict(SLURM_TASK), node_addr=node_addr)
+    assert env == DistEnv(3, 1, 4, "slurm", "10.0.0.7", 20000 + 12345)
+    assert queried == ["gpu07"]
+    assert updates == {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "MASTER_ADDR": "10.0.0.7",
+                       "MASTER_PORT": str(20000 + 12345)}
+
+
+def test_slurm_falls_back_to_host_name_and_respects_preset_master() -> None:
+    env, _ = cluster.resolve_dist_env(dict(SLURM_TASK), node_addr=lambda host: None)
+    assert env.master_addr == "gpu07"
+    preset = {**SLURM_TASK, "MASTER_ADDR": "192.168.1.1", "MASTER_PORT": "23456"}
+    env, updates = cluster.resolve_dist_env(preset, node_addr=_no_scontrol)
+    assert (env.master_addr, env.master_port) == ("192.168.1.1", 23456)
+    assert "MASTER_ADDR" not in updates and "MASTER_PORT" not in updates
+
+
+def test_slurm_step_task_count_wins_over_job_count() -> None:
+    environ = {**SLURM_TASK, "SLURM_NTASKS": "16", "SLURM_STEP_NUM_TASKS": "4"}
+    assert cluster.resolve_dist_env(environ, node_addr=lambda h: "x")[0].world_size == 4
+
+
+def test_batch_shell_is_single_process() -> None:
+    batch = {k: v for k, v in SLURM_TASK.items() if not k.startswith("SLURM_STEP")}
+    env, updates = cluster.resolve_dist_env(batch, node_addr=_no_scontrol, port=lambda: 31337)
+    assert env == DistEnv(0, 0, 1, "single", "127.0.0.1", 31337)
+    assert updates["WORLD_SIZE"] == "1" and updates["MASTER_PORT"] == "31337"
+
+
+def test_single_process() -> None:
+    env, updates = cluster.resolve_dist_env({}, node_addr=_no_scontrol, port=lambda: 40001)
+    assert env == DistEnv(0, 0, 1, "single", "127.0.0.1", 40001)
+    assert updates == {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": "40001"}
+
+
+def test_setup_dist_env_writes_environ(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in [k for k in os.environ if k.startswith("SLURM_")] + ["RANK", "LOCAL_RANK", "WORLD_SIZE",
+                                                                     "MASTER_ADDR", "MASTER_PORT"]:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(cluster, "query_node_addr", lambda host: "127.0.0.9")
+    for key, value in SLURM_TASK.items():
+        monkeypatch.setenv(key, value)
+    env = cluster.setup_dist_env()
+    assert env.source == "slurm" and env.is_main is False
+    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["MASTER_ADDR"]) == ("3", "4", "127.0.0.9")
+    assert "rank 3/4 (local 1) via slurm" in env.describe()
+
+
+def test_bad_integer_is_named() -> None:
+    with pytest.raises(ValueError, match="SLURM_PROCID"):
+        cluster.resolve_dist_env({**SLURM_TASK, "SLURM_PROCID": "x"}, node_addr=lambda h: "a")
+
+
+def test_dist_timeout() -> None:
+    assert cluster.dist_timeout({}) == timedelta(seconds=600)
+    assert cluster.dist_timeout({"HD_DIST_TIMEOUT_S": "90"}) == timedelta(seconds=90)
+    for bad in ("abc", "0", "-5"):
+        with pytest.raises(ValueError, match="HD_DIST_TIMEOUT_S"):
+            cluster.dist_timeout({"HD_DIST_TIMEOUT_S": bad})
+
+
+def test_hostfile_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "n[1-2]")
+    out = tmp_path / "hostfile"
+    assert cluster.main(["hostfile", "--slots", "8", "--out", str(out)]) == 0
+    assert out.read_text() == "n1 slots=8\nn2 slots=8\n"
+
+
+def test_master_addr_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "n[3-4]")
+    monkeypatch.delenv("SLURM_STEP_NODELIST", raising=False)
+    monkeypatch.setattr(cluster, "query_node_addr", lambda host: f"addr-of-{host}")
+    assert cluster.main(["master-addr"]) == 0
+    assert capsys.readouterr().out.strip() == "addr-of-n3"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# StopRequest
+
+
+@pytest.fixture()
+def stop(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.delenv("HD_STOP_FILE", raising=False)
+    request = StopRequest().install()
+    yield request
+    request.uninstall()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
+def test_signal_sets_flag(stop: StopRequest, sig: signal.Signals) -> None:
+    assert stop.should_stop() is False and stop.reason is None
+    os.kill(os.getpid(), sig)
+    assert stop.local_requested
+    assert stop.should_stop() is True
+    assert stop.reason == f"signal {sig.name}"
+    assert stop.should_stop() is True  # sticky
+
+
+def test_uninstall_restores_handlers() -> None:
+    before = signal.getsignal(signal.SIGUSR1)
+    request = StopRequest().install()
+    assert signal.getsignal(signal.SIGUSR1) != before
+    request.uninstall()
+    assert signal.getsignal(signal.SIGUSR1) == before
+
+
+def test_stop_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "STOP"
+    monkeypatch.setenv("HD_STOP_FILE", str(path))
+    request = StopRequest()
+    assert request.stop_file == path and request.should_stop() is False
+    path.touch()
+    assert request.should_stop() is True
+    assert request.reason == f"stop file {path}"
+
+
+def test_check_every_skips_off_steps(stop: StopRequest) -> None:
+    request = StopRequest(stop_file="", check_every=4)
+    request.request()
+    assert [request.should_stop(step=s) for s in (1, 2, 3, 4, 5)] == [False, False, False, True, True]
+    with pytest.raises(ValueError):
+        StopRequest(check_every=0)
+
+
+def test_should_stop_agrees_over_a_process_group(stop: StopRequest, tmp_path: Path) -> None:
+    """One-process gloo group: the all_reduce path runs and keeps the answer."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        assert stop.should_stop(device="cpu") is False
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert stop.should_stop(device="cpu") is True
+        assert stop.reason == "signal SIGUSR1"
+    finally:
+        dist.destroy_process_group()
+
+
+def test_exit_code_is_ex_tempfail() -> None:
+    assert cluster.EXIT_REQUEUE == os.EX_TEMPFAIL == 75
