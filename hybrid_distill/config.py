@@ -55,7 +55,7 @@ class TeacherConfig:
     mean: tuple[float, float, float] | None = None  # None: the model's own pretrained_cfg / open_clip values
     std: tuple[float, float, float] | None = None
     force_quick_gelu: bool = False  # open_clip: OpenAI checkpoints need QuickGELU
-    feature: str = "norm"  # feature teacher target: norm (after final norm) | prenorm | proj (open_clip proj)
+    feature: str = "norm"  # feature target: norm (after final norm) | prenorm | proj (CLIP projection)
     grid_align: str = "resize"  # resize (teacher sees a resized crop) | resample (token map resampled)
 
 
@@ -126,8 +126,8 @@ class RunConfig:
     ckpt_every: int = 1000  # optimizer steps between checkpoints
     keep_last: int = 3
     max_nonfinite: int = 5  # consecutive non-finite losses before saving and stopping
-    teacher_dtype: str = "bfloat16"  # bfloat16 | float16 | float32 (teacher weights on accelerators)
-    autocast: bool = True  # bf16 autocast of the student on accelerators
+    stop_after_steps: int | None = None  # stop (checkpoint, exit 75 = "resume me") after this many steps of this job
+    teacher_dtype: str = "bfloat16"  # bfloat16 | float16 | float32: teacher weights on accelerators (CPU: fp32)
     tensorboard: bool = True
     wandb: bool = False
     wandb_project: str = "hybrid-distill"
@@ -185,8 +185,10 @@ def validate(cfg: Config) -> Config:
     _check(cfg.data.source == "synthetic" or cfg.data.source.split(":", 1)[0] in ("folder", "hf", "wds")
            and ":" in cfg.data.source, "data.source",
            f"{cfg.data.source!r} is not valid; use synthetic, folder:PATH, hf:NAME_OR_PATH or wds:PATTERN")
-    if cfg.feature_teacher.feature == "proj" and cfg.feature_teacher.library != "open_clip":
-        raise ConfigError("feature_teacher.feature=proj needs feature_teacher.library=open_clip")
+    _check(cfg.run.stop_after_steps is None or cfg.run.stop_after_steps >= 1, "run.stop_after_steps", "must be >= 1")
+    if cfg.mim_teacher.grid_align == "resample":
+        raise ConfigError("mim_teacher.grid_align=resample is not supported (the MIM teacher's tokens define keep_idx "
+                          "on the student grid); use resize")
     return cfg
 
 
@@ -248,7 +250,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(value) != len(args):
                 raise ConfigError(f"{key} expects {len(args)} values, got {len(value)}: {value!r}")
-            return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+            return tuple(_coerce(v, a, key) for v, a in zip(value, args, strict=True))
         item = args[0] if args else Any
         return origin(_coerce(v, item, key) for v in value)
     return _coerce_scalar(value, hint, key)

@@ -70,5 +70,6 @@ def relation_pair_loss(student: QK, teacher: QK, index: torch.Tensor, beta: floa
 def relation_loss(student: Sequence[QK], teacher: Sequence[QK], indices: Sequence[torch.Tensor], beta: float,
                   head_reduce: str = "none", impl: str = "auto") -> torch.Tensor:
     """Mean of ``relation_pair_loss`` over the layer pairs (student L-3, L-2 with teacher L-3, L-2)."""
-    pairs = [relation_pair_loss(s, t, i, beta, head_reduce, impl) for s, t, i in zip(student, teacher, indices)]
+    pairs = [relation_pair_loss(s, t, i, beta, head_reduce, impl)
+             for s, t, i in zip(student, teacher, indices, strict=True)]
     return torch.stack(pairs).mean()

@@ -7,7 +7,7 @@ local checkpoint for offline clusters).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from hybrid_distill.config import (
     Config,
@@ -37,7 +37,7 @@ def tiny() -> Config:
         data=DataConfig(source="synthetic", synthetic_size=64, batch_size=8, num_workers=0),
         optim=OptimConfig(base_lr=1.5e-3 * 1024 / 16, min_lr=1e-5, global_batch_size=16, warmup_epochs=0.5),
         run=RunConfig(epochs=4, seed=0, output_dir="runs/tiny", log_every=2, ckpt_every=8, keep_last=2,
-                      teacher_dtype="float32", autocast=False),
+                      teacher_dtype="float32"),
     )
 
 

@@ -77,7 +77,7 @@ def _relation_rows_kernel(
     b_t_ptr,  # (B, H, N, DT) teacher columns operand: k_t (or q_t), gathered by keep
     keep_ptr,  # (B, M) int32/int64 kept positions
     grad_a_ptr,  # (B, H, M, DS) contiguous, out: dloss/da (divided by count)
-    grad_b_ptr,  # (B, H, M, DS) contiguous fp32, out (ATOMIC_GRAD_B): dloss/db accumulated with atomics
+    grad_b_ptr,  # (B, H, M, DS) contiguous, out: dloss/db; fp32 accumulated with atomics (GRAD_B=1) or stored (2)
     loss_ptr,  # (B*H*num_row_blocks,) fp32, out (COMPUTE_LOSS): partial sums of smooth-L1
     H,
     M,
@@ -113,7 +113,7 @@ def _relation_rows_kernel(
     BLOCK_DS: tl.constexpr,
     BLOCK_DT: tl.constexpr,
     COMPUTE_LOSS: tl.constexpr,
-    ATOMIC_GRAD_B: tl.constexpr,
+    GRAD_B: tl.constexpr,  # 0: no dk (two-pass mode), 1: fp32 atomics, 2: direct store (single row block)
     IS_L1: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
@@ -174,13 +174,20 @@ def _relation_rows_kernel(
             g = tl.minimum(tl.maximum(x * inv_beta, -1.0), 1.0)
         g = (g * scale).to(b_s.dtype)  # (BM, BN): rounded to the operand dtype for the tensor cores
         acc = tl.dot(g, b_s, acc, input_precision=PRECISION)
-        if ATOMIC_GRAD_B:
+        if GRAD_B == 1:  # other row blocks add to the same columns: fp32 atomics
             gb = tl.dot(tl.trans(g), a_s, input_precision=PRECISION) * inv_count  # (BN, BDS)
             tl.atomic_add(
                 grad_b_ptr + off_b * s_g_b + off_h * s_g_h + offs_n[:, None] * s_g_n + offs_ds[None, :],
                 gb,
                 mask=mask_n[:, None] & mask_ds[None, :],
                 sem="relaxed",
+            )
+        if GRAD_B == 2:  # this program owns every row: the column block's dk is complete, store it
+            gb = tl.dot(tl.trans(g), a_s, input_precision=PRECISION) * inv_count  # (BN, BDS)
+            tl.store(
+                grad_b_ptr + off_b * s_g_b + off_h * s_g_h + offs_n[:, None] * s_g_n + offs_ds[None, :],
+                gb.to(grad_b_ptr.dtype.element_ty),
+                mask=mask_n[:, None] & mask_ds[None, :],
             )
 
     acc = acc * inv_count

@@ -1,0 +1,249 @@
+"""The one place that wraps the trainable module (student + head) in DeepSpeed.
+
+Three pieces, used by the training loop in this order::
+
+    ds_config = resolve_ds_config(args.ds_config, cfg, world_size, device.type)  # every "auto" filled in
+    engine = build_engine(task.trainable, cfg, ds_config)                       # AdamW + deepspeed.initialize
+    for step in range(start, total):
+        set_lr(engine, lr_at(step, total, warmup, peak_lr(cfg), cfg.optim.min_lr))
+        ...                                                                      # forward/backward/step
+
+The DeepSpeed JSON holds engine knobs only (ZeRO stage, buckets, offload, bf16 switch); batch sizes,
+accumulation and clipping come from the training config, so no setting lives in two places (DESIGN 2, 6).
+The learning-rate schedule is ours and applied per optimizer step; DeepSpeed gets no scheduler.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from hybrid_distill.config import Config, ConfigError
+
+# Parameters named like this (last dotted component) get no weight decay, whatever their rank.
+NO_DECAY_NAMES = frozenset({"pos_embed", "cls_token", "reg_token", "dist_token"})
+# Sections that would make DeepSpeed build its own optimizer or scheduler; we pass a client optimizer and
+# set the lr ourselves every step.
+FORBIDDEN_SECTIONS = ("optimizer", "scheduler")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# DeepSpeed config
+
+
+def resolve_ds_config(path: str | Path, cfg: Config, world_size: int, device_type: str) -> dict[str, Any]:
+    """Load a DeepSpeed JSON and fill in every ``"auto"`` from the training config.
+
+    DeepSpeed 0.19 does not resolve ``"auto"`` itself (DESIGN 6), so this does, and rejects any that remain.
+
+    * ``train_micro_batch_size_per_gpu`` = ``data.batch_size``
+    * ``gradient_accumulation_steps`` = ``optim.global_batch_size / (data.batch_size * world_size)``
+      (must be a positive integer)
+    * ``train_batch_size`` = ``optim.global_batch_size``
+    * ``gradient_clipping`` = ``optim.clip_grad`` (``0`` disables clipping). A number written in the JSON must
+      equal ``optim.clip_grad``: the training config owns the value, the JSON may only repeat it.
+    * ``bf16.enabled`` = True on CUDA devices that support bf16, False elsewhere (CPU runs in fp32).
+    * ``fp16.enabled`` (if present) = False: mixed precision here is bf16 only.
+
+    The same rule as for clipping holds for the three batch keys: a number in the JSON must match.
+
+    Args:
+        path: the DeepSpeed JSON file.
+        cfg: the resolved training config.
+        world_size: number of data-parallel processes.
+        device_type: ``"cuda"`` or ``"cpu"`` (the device the student trains on).
+
+    Returns:
+        The resolved config dict, ready for ``deepspeed.initialize(config=...)`` and for saving in the run dir.
+
+    Raises:
+        ConfigError: unreadable file, an ``optimizer``/``scheduler`` section, a batch size that does not divide,
+            a JSON number contradicting the training config, or an ``"auto"`` this function cannot resolve.
+    """
+    ds = _read_json(Path(path))
+    for section in FORBIDDEN_SECTIONS:
+        if section in ds:
+            raise ConfigError(f"{path}: remove the {section!r} section; the trainer passes its own AdamW and sets the "
+                              "learning rate every step (configure them with optim.* keys)")
+    for key, value in _batch_values(cfg, world_size).items():
+        ds[key] = _fill(ds.get(key, "auto"), value, key, path)
+    ds["gradient_clipping"] = _fill(ds.get("gradient_clipping", "auto"), float(cfg.optim.clip_grad),
+                                    "gradient_clipping", path, source="optim.clip_grad")
+    bf16 = ds.setdefault("bf16", {"enabled": "auto"})
+    if bf16.get("enabled", "auto") == "auto":
+        bf16["enabled"] = _bf16_supported(device_type)
+    if "fp16" in ds and ds["fp16"].get("enabled") == "auto":
+        ds["fp16"]["enabled"] = False
+    leftover = _find_auto(ds)
+    if leftover:
+        raise ConfigError(f"{path}: cannot resolve \"auto\" at {', '.join(leftover)}; write explicit values there")
+    return ds
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"DeepSpeed config {str(path)!r} does not exist (see ds_configs/ for the shipped ones)")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"DeepSpeed config {str(path)!r} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"DeepSpeed config {str(path)!r} must hold a JSON object")
+    return data
+
+
+def _batch_values(cfg: Config, world_size: int) -> dict[str, int]:
+    micro, global_batch = cfg.data.batch_size, cfg.optim.global_batch_size
+    per_step = micro * world_size
+    if world_size < 1 or global_batch % per_step or global_batch < per_step:
+        raise ConfigError(
+            f"optim.global_batch_size={global_batch} must be a positive multiple of data.batch_size={micro} x "
+            f"world size {world_size} = {per_step} (gradient accumulation steps = global / (micro x world))")
+    return {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": global_batch // per_step,
+            "train_batch_size": global_batch}
+
+
+def _fill(current: Any, value: Any, key: str, path: str | Path, source: str | None = None) -> Any:
+    """``value`` where the JSON says "auto"; a JSON number must agree with the training config."""
+    if current == "auto":
+        return value
+    if isinstance(current, bool) or not isinstance(current, (int, float)) or current != value:
+        where = source or "the training config (data.batch_size, optim.global_batch_size, world size)"
+        raise ConfigError(f"{path}: {key}={current!r} contradicts {where} which gives {value!r}; set it to \"auto\" "
+                          "and change the training config instead")
+    return current
+
+
+def _bf16_supported(device_type: str) -> bool:
+    return device_type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def _find_auto(node: Any, prefix: str = "") -> list[str]:
+    if isinstance(node, dict):
+        return [k for key, v in node.items() for k in _find_auto(v, f"{prefix}{key}.")]
+    if isinstance(node, list):
+        return [k for i, v in enumerate(node) for k in _find_auto(v, f"{prefix}{i}.")]
+    return [prefix.rstrip(".")] if node == "auto" else []
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Optimizer and learning rate
+
+
+def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW parameter groups: weight decay on matrices, none on norms, biases, position embedding and CLS.
+
+    A parameter goes to the no-decay group when it has at most one dimension (norm weights, biases, LayerScale
+    gammas) or its name ends in one of ``NO_DECAY_NAMES`` (``pos_embed``, ``cls_token``, ``reg_token``,
+    ``dist_token``). Frozen parameters (``requires_grad=False``) are left out.
+
+    Returns:
+        ``[{"params": decay, "weight_decay": weight_decay, "names": [...]},
+        {"params": no_decay, "weight_decay": 0.0, "names": [...]}]``; empty groups are dropped.
+    """
+    decay: list[tuple[str, nn.Parameter]] = []
+    no_decay: list[tuple[str, nn.Parameter]] = []
+    for name, param in module.named_parameters():
+        if not param.requires_grad:
+            continue
+        skip = param.ndim <= 1 or name.rsplit(".", 1)[-1] in NO_DECAY_NAMES
+        (no_decay if skip else decay).append((name, param))
+    groups = [(decay, weight_decay), (no_decay, 0.0)]
+    return [{"params": [p for _, p in items], "weight_decay": wd, "names": [n for n, _ in items]}
+            for items, wd in groups if items]
+
+
+def peak_lr(cfg: Config) -> float:
+    """``optim.lr`` when set, else ``optim.base_lr * optim.global_batch_size / 1024`` (linear scaling rule)."""
+    if cfg.optim.lr is not None:
+        return float(cfg.optim.lr)
+    return cfg.optim.base_lr * cfg.optim.global_batch_size / 1024
+
+
+def lr_at(step: int, total_steps: int, warmup_steps: int, peak_lr: float, min_lr: float) -> float:
+    """Learning rate for optimizer step ``step`` (0-based: the ``step + 1``-th update).
+
+    Linear warmup over the first ``warmup_steps`` updates, ``peak * (step + 1) / warmup_steps``, so the first
+    update already moves (``peak / warmup_steps``) and step ``warmup_steps - 1`` uses the peak. Then cosine from
+    ``peak`` at ``step == warmup_steps`` to ``min_lr`` at ``step == total_steps`` (halfway, the mean of the two);
+    steps past ``total_steps`` stay at ``min_lr``. ``warmup_steps == 0`` starts at the peak.
+    """
+    if step < warmup_steps:
+        return peak_lr * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr + (peak_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def set_lr(engine: Any, lr: float) -> None:
+    """Set the learning rate of every parameter group (our scheduler, called before each optimizer step)."""
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Engine
+
+
+def build_engine(module: nn.Module, cfg: Config, ds_config: dict[str, Any]) -> Any:
+    """Wrap the trainable module in a DeepSpeed engine with our AdamW as client optimizer.
+
+    Only trainable parameters may be in ``module``: frozen ones (e.g. a teacher attached by mistake) are an
+    error, because they have a history of bugs inside ZeRO (DESIGN 6). With ``offload_optimizer`` to CPU the
+    optimizer is DeepSpeed's ``DeepSpeedCPUAdam`` in AdamW mode (same maths; DeepSpeed refuses a torch
+    optimizer there), built as a JIT C++ op on first use. The process group must already exist
+    (``deepspeed.init_distributed``).
+
+    Args:
+        module: ``nn.Module`` with children ``student`` and ``head`` (state-dict keys ``student.*``, ``head.*``).
+        cfg: training config (``optim.*`` gives lr, betas, eps, weight decay).
+        ds_config: the dict from ``resolve_ds_config``, passed as ``config=`` (not also via args: it asserts).
+
+    Returns:
+        The ``deepspeed.DeepSpeedEngine``; call it as ``engine(...)`` (under ZeRO-3 that gathers parameters),
+        then ``engine.backward(loss)`` and ``engine.step()`` every micro-batch.
+    """
+    import deepspeed
+
+    frozen = [name for name, p in module.named_parameters() if not p.requires_grad]
+    if frozen:
+        raise ValueError(f"build_engine: {len(frozen)} frozen parameters (e.g. {frozen[:3]}) in the trainable "
+                         "module; only student + head go to DeepSpeed, teachers stay outside")
+    groups = [{k: v for k, v in g.items() if k != "names"} for g in param_groups(module, cfg.optim.weight_decay)]
+    optimizer = _make_optimizer(groups, cfg, _offloads_optimizer(ds_config))
+    engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config)
+    return engine
+
+
+def _offloads_optimizer(ds_config: dict[str, Any]) -> bool:
+    offload = ds_config.get("zero_optimization", {}).get("offload_optimizer") or {}
+    return offload.get("device", "none") in ("cpu", "nvme")
+
+
+def _make_optimizer(groups: list[dict[str, Any]], cfg: Config, offload: bool) -> torch.optim.Optimizer:
+    kwargs = dict(lr=peak_lr(cfg), betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+    if offload:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
+    return torch.optim.AdamW(groups, **kwargs)
+
+
+def grad_norm(engine: Any) -> float | None:
+    """Global gradient norm of the last optimizer step (before clipping), or None when DeepSpeed has none.
+
+    Valid after ``engine.step()`` at a gradient-accumulation boundary.
+    """
+    norm = engine.get_global_grad_norm()
+    if norm is None:
+        return None
+    return float(norm.item() if isinstance(norm, torch.Tensor) else norm)
+
+
+def skipped_steps(engine: Any) -> int:
+    """Optimizer steps DeepSpeed skipped so far (overflowing bf16/fp16 gradients); log it (DESIGN 6)."""
+    return int(getattr(engine, "skipped_steps", 0))
