@@ -44,6 +44,7 @@ EXIT_REQUEUE = 75  # EX_TEMPFAIL: "stopped on request after a checkpoint; requeu
 DEFAULT_DIST_TIMEOUT_S = 600.0
 PORT_BASE, PORT_SPAN = 20000, 20000  # MASTER_PORT = PORT_BASE + job_id % PORT_SPAN
 STOP_FILE_ENV = "HD_STOP_FILE"
+STOPPED_FILE_ENV = "HD_STOPPED_FILE"
 DIST_TIMEOUT_ENV = "HD_DIST_TIMEOUT_S"
 
 _SIGNAL_CODE_BASE = 100  # stop codes: 0 none, 1 stop file, 100 + signum a signal (MAX-reduced across ranks)
@@ -249,11 +250,17 @@ class StopRequest:
     """A stop request from SLURM (SIGUSR1/SIGTERM) or a stop file, agreed on by all ranks.
 
     The signal handlers only set a flag (no I/O but one ``os.write`` to stderr); ``should_stop`` polls the
-    stop file and, when ``torch.distributed`` is initialised, MAX-reduces the local request code over the
-    default group so that every rank stops at the same step. Once agreed, the answer stays True.
+    stop files and, when ``torch.distributed`` is initialised, MAX-reduces the local request code over the
+    default group so that every rank stops at the same step. Once agreed, the answer stays True and rank 0
+    (a) deletes the stop files (a stop file is a one-shot request: the resumed run must not stop at once) and
+    (b) writes the reason to ``stopped_file``: the sbatch scripts requeue a job whose training step failed
+    after an agreed stop even when srun reports a task killed during shutdown (137/143) instead of 75.
 
     Args:
-        stop_file: a path whose existence requests a stop (default: ``$HD_STOP_FILE``; None/empty: no file).
+        stop_file: a path whose existence requests a stop (e.g. ``<run_dir>/STOP``). ``$HD_STOP_FILE`` (set by
+            the sbatch scripts; the deepspeed-launcher variant's batch shell creates it on SIGUSR1) is polled
+            as well. Both must be on a file system every rank sees.
+        stopped_file: written by rank 0 once all ranks agreed to stop (default: ``$HD_STOPPED_FILE``).
         signals: the signals to handle.
         check_every: with ``step`` given to ``should_stop``, only reduce on steps divisible by this
             (every rank must pass the same steps).
@@ -262,11 +269,15 @@ class StopRequest:
     DEFAULT_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGUSR1, signal.SIGTERM)
 
     def __init__(self, stop_file: str | os.PathLike[str] | None = None,
-                 signals: Iterable[signal.Signals] = DEFAULT_SIGNALS, check_every: int = 1) -> None:
+                 signals: Iterable[signal.Signals] = DEFAULT_SIGNALS, check_every: int = 1,
+                 stopped_file: str | os.PathLike[str] | None = None) -> None:
         if check_every < 1:
             raise ValueError(f"check_every must be >= 1, got {check_every}")
-        path = stop_file if stop_file is not None else os.environ.get(STOP_FILE_ENV, "")
-        self.stop_file: Path | None = Path(path) if str(path) else None
+        files = [Path(stop_file)] if stop_file is not None and str(stop_file) else []
+        files += [Path(os.environ[STOP_FILE_ENV])] if os.environ.get(STOP_FILE_ENV) else []
+        self.stop_files: tuple[Path, ...] = tuple(dict.fromkeys(files))
+        self.stopped_file = _optional_path(stopped_file, STOPPED_FILE_ENV)
+        self._seen_file: Path | None = None
         self.signals = tuple(signals)
         self.check_every = check_every
         self._local_code = 0
@@ -298,8 +309,9 @@ class StopRequest:
     @property
     def local_requested(self) -> bool:
         """Whether this process received a signal or sees the stop file (no collective)."""
-        if self._local_code == 0 and self.stop_file is not None and self.stop_file.exists():
-            self._local_code = _FILE_CODE
+        if self._local_code == 0:
+            self._seen_file = next((path for path in self.stop_files if path.exists()), None)
+            self._local_code = _FILE_CODE if self._seen_file is not None else 0
         return self._local_code > 0
 
     def should_stop(self, device: Any = None, step: int | None = None) -> bool:
@@ -317,7 +329,16 @@ class StopRequest:
             return False
         self.local_requested  # noqa: B018 - polls the stop file
         self._agreed_code = _all_reduce_max(self._local_code, device)
+        if self._agreed_code and _global_rank() == 0:
+            self._acknowledge()
         return self._agreed_code > 0
+
+    def _acknowledge(self) -> None:
+        """Rank 0, once agreed: consume the stop files, leave the marker for the sbatch scripts."""
+        for path in self.stop_files:
+            path.unlink(missing_ok=True)
+        if self.stopped_file is not None:
+            self.stopped_file.write_text(f"{self.reason}\n")
 
     @property
     def reason(self) -> str | None:
@@ -326,8 +347,23 @@ class StopRequest:
         if not code:
             return None
         what = (f"signal {signal.Signals(code - _SIGNAL_CODE_BASE).name}" if code >= _SIGNAL_CODE_BASE
-                else f"stop file {self.stop_file}" if self.stop_file else "stop requested")
+                else f"stop file {self._seen_file}" if self._seen_file else "stop requested")
         return what if code == self._local_code else f"{what} (received by another rank)"
+
+
+def _optional_path(value: str | os.PathLike[str] | None, env_key: str) -> Path | None:
+    """``value``, else the path in ``$env_key``; None when both are empty."""
+    path = value if value is not None else os.environ.get(env_key, "")
+    return Path(path) if str(path) else None
+
+
+def _global_rank() -> int:
+    if "torch" in sys.modules:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank()
+    return int(os.environ.get("RANK", "0") or 0)
 
 
 def _all_reduce_max(value: int, device: Any) -> int:

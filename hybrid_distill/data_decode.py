@@ -18,13 +18,14 @@ from __future__ import annotations
 import io
 import math
 import warnings
-from typing import Union
+from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
 
 #: What a source hands over for one sample: encoded bytes, a file path, or a decoded HWC uint8 array.
-Payload = Union[bytes, str, np.ndarray]
+Payload = bytes | str | np.ndarray
 
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 _RESIZE_FIRST_MODES = ("RGB", "L", "CMYK")  # crop+resize in this mode, then convert the small result
@@ -100,7 +101,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 def decode_crop(payload: Payload, size: int, rng: np.random.Generator, scale: tuple[float, float],
                 hflip: bool) -> np.ndarray:
-    """Decode one image and return its random-resized crop as HWC uint8 RGB of shape (size, size, 3).
+    """Decode one image and return its random-resized crop as HWC uint8 RGB of shape (size, size, 3) (maybe a view).
 
     Args:
         payload: encoded bytes, a file path, or an HWC uint8 array (synthetic data).
@@ -115,16 +116,28 @@ def decode_crop(payload: Payload, size: int, rng: np.random.Generator, scale: tu
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # EXIF / palette-transparency / bomb-size warnings from PIL
         img = Image.fromarray(payload) if isinstance(payload, np.ndarray) else open_image(payload)
-        top, left, h, w = crop_params(rng, *img.size, scale)
-        flip = hflip and rng.random() < 0.5
-        box = (left, top, left + w, top + h)
-        if img.format == "JPEG":
-            box = _draft(img, box, size)
-        if img.mode not in _RESIZE_FIRST_MODES:
-            img = to_rgb(img)
-        out = img.resize((size, size), Image.BILINEAR, box=box, reducing_gap=3.0)
-        arr = np.asarray(to_rgb(out))
-    return np.ascontiguousarray(arr[:, ::-1]) if flip else arr
+        box = crop_params(rng, *img.size, scale)
+        return _crop_resize(img, box, hflip and rng.random() < 0.5, size)
+
+
+def decode_box(payload: Payload, box: tuple[int, int, int, int], flip: bool, size: int) -> np.ndarray:
+    """Like ``decode_crop`` with a given crop box (top, left, height, width) and flip."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        img = Image.fromarray(payload) if isinstance(payload, np.ndarray) else open_image(payload)
+        return _crop_resize(img, box, flip, size)
+
+
+def _crop_resize(img: Image.Image, box: tuple[int, int, int, int], flip: bool, size: int) -> np.ndarray:
+    top, left, h, w = box
+    pil_box: tuple[float, ...] = (left, top, left + w, top + h)
+    if img.format == "JPEG":
+        pil_box = _draft(img, pil_box, size)
+    if img.mode not in _RESIZE_FIRST_MODES:
+        img = to_rgb(img)
+    out = img.resize((size, size), Image.BILINEAR, box=pil_box, reducing_gap=3.0)
+    arr = np.asarray(to_rgb(out))
+    return arr[:, ::-1] if flip else arr  # a view: the caller copies it into the batch anyway
 
 
 def _draft(img: Image.Image, box: tuple[float, float, float, float], size: int) -> tuple[float, ...]:
@@ -148,3 +161,75 @@ def probe_jpeg(payload: bytes) -> tuple[int, int] | None:
     except Exception:  # noqa: BLE001 - an unreadable header is handled by the CPU path
         return None
     return None
+
+
+class JpegDecoder:
+    """Decodes the JPEGs a batch deferred (``data.gpu_decode``) with ``torchvision.io.decode_jpeg`` on a device.
+
+    Workers only read the bytes, parse the header and draw the crop box; here the batch is decoded in one
+    call, each crop resized with antialiased bilinear interpolation and flipped. A JPEG the device decoder
+    rejects is decoded by PIL; one PIL rejects too is bad: it is counted and its slot gets a copy of
+    another image of the batch (so the batch stays full).
+    """
+
+    def __init__(self, device: torch.device | str | None, size: int) -> None:
+        self._device = torch.device(device) if device is not None else None
+        self.size = size
+
+    @property
+    def device(self) -> torch.device:
+        """The decode device; ``None`` at construction means the current CUDA device at first use."""
+        if self._device is None:
+            self._device = torch.device("cuda", torch.cuda.current_device())
+        return self._device
+
+    def finish(self, images: torch.Tensor, jobs: list[dict]) -> tuple[torch.Tensor, list[str]]:
+        """Fill the deferred slots of ``images`` (uint8 [B, 3, S, S]); return it on the device and bad entries."""
+        images = images.to(self.device, non_blocking=True)
+        if not jobs:
+            return images, []
+        decoded = self._decode([job["data"] for job in jobs])
+        bad_slots, bad = [], []
+        for job, img in zip(jobs, decoded, strict=True):
+            try:
+                images[job["slot"]] = self._crop(img, job) if img is not None else self._pil(job)
+            except Exception as error:  # noqa: BLE001 - counted as bad, slot refilled below
+                bad_slots.append(job["slot"])
+                bad.append(f"{job['key']}: {type(error).__name__}: {error}")
+        good = [i for i in range(len(images)) if i not in set(bad_slots)]
+        for slot in bad_slots:
+            if not good:
+                raise RuntimeError(f"no image of the batch could be decoded ({bad[-1]})")
+            images[slot] = images[good[slot % len(good)]]
+        return images, bad
+
+    def _decode(self, datas: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29 points to TorchCodec
+            from torchvision.io import ImageReadMode, decode_jpeg
+
+            return self._decode_with(decode_jpeg, ImageReadMode.RGB, datas)
+
+    def _decode_with(self, decode_jpeg: Any, mode: Any, datas: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        try:
+            return list(decode_jpeg(datas, mode=mode, device=self.device))
+        except Exception:  # noqa: BLE001 - find the culprit(s) one by one
+            out: list[torch.Tensor | None] = []
+            for data in datas:
+                try:
+                    out.append(decode_jpeg(data, mode=mode, device=self.device))
+                except Exception:  # noqa: BLE001
+                    out.append(None)
+            return out
+
+    def _crop(self, img: torch.Tensor, job: dict) -> torch.Tensor:
+        top, left, h, w = job["box"]
+        crop = img[None, :, top:top + h, left:left + w].float()
+        out = torch.nn.functional.interpolate(crop, size=(self.size, self.size), mode="bilinear",
+                                              antialias=True, align_corners=False)[0]
+        out = out.round_().clamp_(0, 255).to(torch.uint8)
+        return out.flip(-1) if job["flip"] else out
+
+    def _pil(self, job: dict) -> torch.Tensor:
+        arr = decode_box(job["data"].numpy().tobytes(), job["box"], job["flip"], self.size)
+        return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).to(self.device)

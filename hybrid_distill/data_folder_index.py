@@ -124,6 +124,7 @@ def _build(root: Path, class_dirs: list[str], index_dir: Path, threads: int) -> 
     labels = np.concatenate([np.full(len(p[1]), i if class_dirs else -1, np.int32) for i, p in enumerate(parts)]
                             ) if parts else np.zeros(0, np.int32)
     tmp = Path(tempfile.mkdtemp(prefix=f".{index_dir.name}-", dir=index_dir.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; other users of a shared run dir may read it
     np.save(tmp / "names.npy", names)
     np.save(tmp / "offsets.npy", offsets)
     np.save(tmp / "labels.npy", labels)

@@ -75,21 +75,22 @@ class SyntheticSource:
 def synthetic_image(index: int, side: int) -> np.ndarray:
     """HWC uint8 image ``index``: a two-colour gradient, 3-6 soft shapes and faint texture."""
     rng = np.random.default_rng([0x5EED, index])
-    yy, xx = np.mgrid[0:side, 0:side].astype(np.float32) / side
+    axis = np.arange(side, dtype=np.float32) / side
     angle = rng.uniform(0, 2 * np.pi)
-    t = np.clip((np.cos(angle) * (xx - 0.5) + np.sin(angle) * (yy - 0.5)) + 0.5, 0, 1)[..., None]
+    t = np.clip(np.cos(angle) * (axis[None, :] - 0.5) + np.sin(angle) * (axis[:, None] - 0.5) + 0.5, 0, 1)[..., None]
     c0, c1 = rng.uniform(0, 255, (2, 3)).astype(np.float32)
     img = c0 * (1 - t) + c1 * t
     for _ in range(int(rng.integers(3, 7))):
         cx, cy = rng.uniform(0, 1, 2)
         rx, ry = rng.uniform(0.05, 0.35, 2)
-        if rng.random() < 0.6:
-            dist = np.sqrt(((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2)
-        else:
-            dist = np.maximum(np.abs(xx - cx) / rx, np.abs(yy - cy) / ry)
+        x0, x1 = np.searchsorted(axis, [cx - rx, cx + rx])  # the shape's bounding box only
+        y0, y1 = np.searchsorted(axis, [cy - ry, cy + ry])
+        dx, dy = np.abs(axis[None, x0:x1] - cx) / rx, np.abs(axis[y0:y1, None] - cy) / ry
+        dist = np.sqrt(dx**2 + dy**2) if rng.random() < 0.6 else np.maximum(dx, dy)
         alpha = np.clip((1.0 - dist) * rng.uniform(4, 30), 0, 1)[..., None]
-        img = img * (1 - alpha) + rng.uniform(0, 255, 3).astype(np.float32) * alpha
-    img += rng.normal(0, 4, (side, side, 1)).astype(np.float32)
+        colour = rng.uniform(0, 255, 3).astype(np.float32)
+        img[y0:y1, x0:x1] = img[y0:y1, x0:x1] * (1 - alpha) + colour * alpha
+    img += rng.standard_normal((side, side, 1), dtype=np.float32) * 4
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
@@ -140,7 +141,7 @@ class HFMapSource:
         indices = [int(i) for i in indices]
         rows = self.dataset[indices]
         examples = ({k: rows[k][j] for k in rows} for j in range(len(indices)))
-        return [self.columns.extract(ex, f"{self.name}[{i}]") for ex, i in zip(examples, indices)]
+        return [self.columns.extract(ex, f"{self.name}[{i}]") for ex, i in zip(examples, indices, strict=True)]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -248,7 +249,11 @@ def open_hf(target: str, split: str, streaming: bool, readers: int = 1) -> Any:
         return datasets.load_dataset(str(path), split=split, streaming=streaming)
     if target.startswith(("/", "./", "../", "~")) or path.suffix in _TABLE_BUILDERS:
         raise FileNotFoundError(f"data.source=hf:{target}: {str(path)!r} does not exist")
-    return datasets.load_dataset(target, split=split, streaming=streaming)
+    try:
+        return datasets.load_dataset(target, split=split, streaming=streaming)
+    except Exception as error:  # noqa: BLE001 - re-raised with the config key and the cause
+        raise ValueError(f"data.source=hf:{target}: not a local path, and datasets could not load it as a hub "
+                         f"dataset ({type(error).__name__}: {error})") from error
 
 
 def open_wds(pattern: str, split: str, streaming: bool) -> Any:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 def keep_count(num_tokens: int, drop_ratio: float) -> int:
     """Tokens kept out of ``num_tokens`` when dropping ``drop_ratio`` of them: ``floor((1 - K) n + 0.5)``, >= 1."""
-    return max(1, math.floor((1.0 - drop_ratio) * num_tokens + 0.5))
+    return max(1, math.floor(round((1.0 - drop_ratio) * num_tokens, 6) + 0.5))  # round: 0.7 * 45 = 31.4999...
 
 
 def keep_schedule(num_patches: int, drop_ratio: float, num_stages: int) -> list[int]:

@@ -62,7 +62,7 @@ class TimmBackbone(nn.Module):
         head = self.model.head
         if not isinstance(head, nn.Linear):
             raise ConfigError("feature_teacher.feature=proj needs a timm model with a linear head (e.g. a CLIP tower)")
-        return head(self.model.fc_norm(x))
+        return head(self.model.fc_norm(self.model.norm(x)))  # timm order: norm -> (pool) -> fc_norm -> head
 
     @property
     def out_dim_proj(self) -> int:

@@ -122,8 +122,8 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_run(cfg: Config, args: argparse.Namespace, env: cluster.DistEnv) -> tuple[Run, Path | None]:
-    """Teachers, data, engine; the checkpoint to resume from (or None)."""
+def build_run(cfg: Config, args: argparse.Namespace, env: cluster.DistEnv) -> tuple[Run, Path | None, bool]:
+    """Teachers, data, engine; the checkpoint to resume from (or None) and whether it is a universal one."""
     device = pick_device(env)
     run_dir = Path(cfg.run.output_dir)
     seed_everything(cfg.run.seed)  # identical student init on every rank
@@ -134,8 +134,9 @@ def build_run(cfg: Config, args: argparse.Namespace, env: cluster.DistEnv) -> tu
                           seed=cfg.run.seed, cache_dir=run_dir / "cache")
     ds_config = engine.resolve_ds_config(args.ds_config, cfg, env.world_size, device.type)
     resume = checkpoint.resolve_resume(args.resume, run_dir)
-    if resume is not None and checkpoint.saved_world_size(resume) != env.world_size:
-        resume = checkpoint.ensure_universal(resume)
+    universal = resume is not None and checkpoint.needs_universal(resume, env.world_size)
+    if universal:  # saved by another number of processes: DeepSpeed's universal checkpoint
+        resume = checkpoint.ensure_universal(resume, env.world_size)
         ds_config["checkpoint"] = {"load_universal": True}
     if env.is_main:
         (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
@@ -146,17 +147,17 @@ def build_run(cfg: Config, args: argparse.Namespace, env: cluster.DistEnv) -> tu
     warmup = round(cfg.optim.warmup_epochs * steps_per_epoch)
     run = Run(cfg, env, device, run_dir, task, loader, eng, accum, total, steps_per_epoch, warmup,
               engine.peak_lr(cfg))
-    return run, resume
+    return run, resume, universal
 
 
-def restore(run: Run, resume: Path) -> None:
+def restore(run: Run, resume: Path, universal: bool) -> None:
     """Load engine state and client state (step, epoch, data position, RNG) from a checkpoint."""
-    client = checkpoint.load(run.engine, resume)
+    client = checkpoint.load(run.engine, resume, load_universal=universal)
     run.step, run.epoch = client["step"], client["epoch"]
     states = client.get("loader_states") or []
     if len(states) == run.env.world_size:
         run.loader.load_state_dict(states[run.env.rank])
-        checkpoint.set_rng_state(client["rng_states"][run.env.rank])
+        checkpoint.restore_rng_states(client)
     else:
         log.warning("resuming %d processes from a %d-process checkpoint: epoch %d restarts its read position",
                     run.env.world_size, len(states), run.epoch)
@@ -170,7 +171,6 @@ def save(run: Run) -> None:
         "epoch": run.epoch,
         "config": to_dict(run.cfg),
         "loader_states": all_gather_objects(run.loader.state_dict()),
-        "rng_states": all_gather_objects(checkpoint.rng_state()),
     }
     checkpoint.save(run.engine, run.run_dir / "checkpoints", run.step, client, keep_last=run.cfg.run.keep_last)
     log.info("saved checkpoint at step %d", run.step)
@@ -240,7 +240,7 @@ def train_step(run: Run, data, timed: bool) -> dict[str, float]:
         t4 = sync(dev) if timed else 0.0
         run.nonfinite, done = 0, done + 1
         for k, v in out.items():
-            sums[k] = sums.get(k, 0.0) + float(v) / run.accum
+            sums[k] = sums.get(k, 0.0) + float(v.detach()) / run.accum
         if timed:
             for k, dt in (("data", t1 - t0), ("teachers", t2 - t1), ("student", t3 - t2), ("optimizer", t4 - t3)):
                 sums[f"time_{k}"] = sums.get(f"time_{k}", 0.0) + dt
@@ -329,14 +329,15 @@ def main(argv: list[str] | None = None) -> int:
     metrics.setup_logging(run_dir, env.is_main)
     init_distributed(pick_device(env))
     try:
-        run, resume = build_run(cfg, args, env)
-    except (ConfigError, CheckpointError, FileNotFoundError) as e:
+        run, resume, universal = build_run(cfg, args, env)
+    except (ConfigError, CheckpointError, checkpoint.CheckpointError, FileNotFoundError, ValueError) as e:
         log.error("error: %s", e)
         return EXIT_BAD_INPUT
     if resume is not None:
-        restore(run, resume)
+        restore(run, resume, universal)
     stop = cluster.StopRequest(stop_file=run_dir / "STOP").install()
-    logger = metrics.MetricsLogger(run_dir, cfg.run, env.is_main, run.total_steps)
+    logger = metrics.MetricsLogger(run_dir, cfg.run, env.is_main, run.total_steps, config=to_dict(cfg),
+                                   initial_step=run.step)
     log.info("%s | %d steps (%d per epoch), accumulation %d, world size %d", env.describe(), run.total_steps,
              run.steps_per_epoch, run.accum, env.world_size)
     try:

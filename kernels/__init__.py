@@ -80,7 +80,7 @@ def resolve_impl(impl: str, device: torch.device, dtypes: tuple[torch.dtype, ...
                 f"impl='triton' needs q and k of one dtype per model among {_TRITON_DTYPES}, got {dtypes}; "
                 "use impl='torch'"
             )
-        if device.type != "cuda" and not _interpreting():
+        if device.type != "cuda" and not torch.compiler.is_compiling() and not _interpreting():
             raise ValueError(
                 f"impl='triton' needs CUDA tensors (got device {device}); set TRITON_INTERPRET=1 to run the "
                 "kernels on CPU with the Triton interpreter, or use impl='torch'"
@@ -98,7 +98,7 @@ def _check_rank4(name: str, x: torch.Tensor) -> None:
 
 
 def _check_keep(keep_idx: torch.Tensor, b: int, n_keep: int, n: int, what: str) -> None:
-    """keep_idx must be an integer (B, N') tensor with N' <= N (values checked on CPU only: no GPU sync)."""
+    """keep_idx must be an integer (B, N') tensor with N' <= N (values checked on CPU, eagerly: no GPU sync)."""
     if not isinstance(keep_idx, torch.Tensor) or keep_idx.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"keep_idx must be an int32/int64 tensor, got {getattr(keep_idx, 'dtype', type(keep_idx))}")
     if keep_idx.dim() != 2 or keep_idx.shape[0] != b or (n_keep >= 0 and keep_idx.shape[1] != n_keep):
@@ -106,7 +106,11 @@ def _check_keep(keep_idx: torch.Tensor, b: int, n_keep: int, n: int, what: str) 
         raise ValueError(f"keep_idx must have shape {want} to match {what}, got {tuple(keep_idx.shape)}")
     if keep_idx.shape[1] < 1 or keep_idx.shape[1] > n:
         raise ValueError(f"keep_idx must keep between 1 and N={n} tokens, got shape {tuple(keep_idx.shape)}")
-    if keep_idx.device.type == "cpu" and keep_idx.numel() and (keep_idx.min() < 0 or keep_idx.max() >= n):
+    if (
+        keep_idx.device.type == "cpu"
+        and not torch.compiler.is_compiling()
+        and (keep_idx.min() < 0 or keep_idx.max() >= n)
+    ):
         raise ValueError(f"keep_idx values must lie in [0, {n}), got [{int(keep_idx.min())}, {int(keep_idx.max())}]")
 
 

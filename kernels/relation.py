@@ -46,6 +46,7 @@ the interpreter on with an environment variable whatever was imported first.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 
@@ -113,6 +114,7 @@ def _relation_rows_kernel(
     BLOCK_DS: tl.constexpr,
     BLOCK_DT: tl.constexpr,
     COMPUTE_LOSS: tl.constexpr,
+    GRAD_A: tl.constexpr,  # write dloss/da (the row operand)
     GRAD_B: tl.constexpr,  # 0: no dk (two-pass mode), 1: fp32 atomics, 2: direct store (single row block)
     IS_L1: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -168,12 +170,14 @@ def _relation_rows_kernel(
             ax = tl.abs(x)
             elem = tl.where(ax < beta, 0.5 * x * x * inv_beta, ax - 0.5 * beta)
             loss_rows += tl.sum(elem, axis=1)
-        if IS_L1:
-            g = tl.where(x > 0.0, 1.0, tl.where(x < 0.0, -1.0, 0.0))
-        else:
-            g = tl.minimum(tl.maximum(x * inv_beta, -1.0), 1.0)
-        g = (g * scale).to(b_s.dtype)  # (BM, BN): rounded to the operand dtype for the tensor cores
-        acc = tl.dot(g, b_s, acc, input_precision=PRECISION)
+        if GRAD_A or GRAD_B != 0:
+            if IS_L1:
+                g = tl.where(x > 0.0, 1.0, tl.where(x < 0.0, -1.0, 0.0))
+            else:
+                g = tl.minimum(tl.maximum(x * inv_beta, -1.0), 1.0)
+            g = (g * scale).to(b_s.dtype)  # (BM, BN): rounded to the operand dtype for the tensor cores
+        if GRAD_A:
+            acc = tl.dot(g, b_s, acc, input_precision=PRECISION)  # (BM, BDS)
         if GRAD_B == 1:  # other row blocks add to the same columns: fp32 atomics
             gb = tl.dot(tl.trans(g), a_s, input_precision=PRECISION) * inv_count  # (BN, BDS)
             tl.atomic_add(
@@ -190,12 +194,13 @@ def _relation_rows_kernel(
                 mask=mask_n[:, None] & mask_ds[None, :],
             )
 
-    acc = acc * inv_count
-    tl.store(
-        grad_a_ptr + off_b * s_g_b + off_h * s_g_h + offs_m[:, None] * s_g_n + offs_ds[None, :],
-        acc.to(grad_a_ptr.dtype.element_ty),
-        mask=mask_m[:, None] & mask_ds[None, :],
-    )
+    if GRAD_A:
+        acc = acc * inv_count
+        tl.store(
+            grad_a_ptr + off_b * s_g_b + off_h * s_g_h + offs_m[:, None] * s_g_n + offs_ds[None, :],
+            acc.to(grad_a_ptr.dtype.element_ty),
+            mask=mask_m[:, None] & mask_ds[None, :],
+        )
     if COMPUTE_LOSS:
         tl.store(loss_ptr + pid, tl.sum(loss_rows, axis=0))
 
@@ -273,6 +278,44 @@ def interpret_mode() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")  # pragma: no cover
 
 
+_STDLIB_USED = ("cdiv", "zeros", "sum")  # triton.language functions the kernels call that are @triton.jit'd
+_MISSING = object()
+
+
+@contextlib.contextmanager
+def _interpreter_scope():
+    """Make an interpreted launch work, and leave no trace, whatever TRITON_INTERPRET was at triton import.
+
+    Triton's own library (``tl.sum``, ``tl.cdiv``, ``tl.zeros``) is jitted when ``triton.language`` is
+    imported: compiled-only ``JITFunction`` objects if the interpreter was off then. For the launch they are
+    swapped for interpreted twins; nested interpreted calls patch ``triton.language.core`` without undoing it,
+    so every attribute of the language modules and classes is restored afterwards (a later compiled kernel in
+    the same process then sees an untouched ``triton.language``).
+    """
+    from triton.runtime.interpreter import InterpretedFunction
+
+    owners = (tl, tl.core, tl.standard, tl.math, tl.tensor, tl.dtype)
+    saved = [(obj, dict(vars(obj))) for obj in owners]
+    for name in _STDLIB_USED:
+        fn = getattr(tl, name)
+        if isinstance(fn, triton.JITFunction):
+            setattr(tl, name, InterpretedFunction(fn.fn))
+    try:
+        yield
+    finally:
+        for obj, before in saved:
+            for key, value in before.items():
+                if vars(obj).get(key, _MISSING) is not value:
+                    setattr(obj, key, value)
+            for key in set(vars(obj)) - set(before):
+                delattr(obj, key)
+
+
+def _launch_scope():
+    """Context for a kernel launch: the interpreter scope when interpreting, nothing otherwise."""
+    return _interpreter_scope() if interpret_mode() else contextlib.nullcontext()
+
+
 @functools.cache
 def _kernel(fn, interpret: bool):
     """The jitted (or interpreted) version of a raw kernel body, cached per mode."""
@@ -283,15 +326,76 @@ def _kernel(fn, interpret: bool):
     return triton.JITFunction(fn)
 
 
+# Tile sizes, in one place so a GPU session can tune them (the benchmark reads them too).
+TUNING = dict(
+    single_block_max=128,  # N' up to this: one program per (b, h) owns all rows -> dk stored, no atomics
+    block_m=64,  # row block when N' > single_block_max
+    block_n=64,  # column block for padded head dims <= 64
+    block_n_wide=32,  # column block for padded head dims > 64 (register pressure)
+    num_stages=2,
+    # IEEE fp32 dots run on the FMA units and are unrolled by the compiler: smaller tiles.
+    ieee_single_block_max=32,
+    ieee_block_m=32,
+    ieee_block_n=32,
+)
+
+# Passes of the relation kernel: (COMPUTE_LOSS, GRAD_A, GRAD_B, swapped operands).
+_PASSES = {
+    "forward": ((True, False, 0, False),),  # no gradients wanted
+    "single": ((True, True, 2, False),),  # N' <= single_block_max: dq and dk in one pass, deterministic
+    "atomic": ((True, True, 1, False),),  # default for large N': dk by fp32 atomics
+    "two_pass": ((True, True, 0, False), (False, True, 0, True)),  # deterministic: dk by the swapped pass
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class RelationPlan:
+    """How the relation kernel is launched for one problem size."""
+
+    block_m: int
+    block_n: int
+    block_ds: int
+    block_dt: int
+    num_warps: int
+    mode: str  # key of _PASSES
+
+    @property
+    def passes(self) -> tuple[tuple[bool, bool, int, bool], ...]:
+        return _PASSES[self.mode]
+
+    def constexprs(self, compute_loss: bool, grad_a: bool, grad_b: int, precision: str, is_l1: bool = False) -> dict:
+        return dict(
+            BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_DS=self.block_ds, BLOCK_DT=self.block_dt,
+            COMPUTE_LOSS=compute_loss, GRAD_A=grad_a, GRAD_B=grad_b, IS_L1=is_l1, PRECISION=precision,
+        )  # fmt: skip
+
+
 def _pad_dim(d: int) -> int:
     """Head dim padded to a power of two, at least 16 (the smallest tl.dot operand)."""
     return max(16, triton.next_power_of_2(d))
 
 
-def _block_sizes(m: int, d_pad: int) -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_N) for N' = m rows and a padded head dim: 64×64 tiles, smaller for tiny N' or wide heads."""
-    block = max(16, min(64, triton.next_power_of_2(m)))
-    return block, (block if d_pad <= 64 else min(block, 32))
+def plan_relation(
+    m: int, d_s: int, d_t: int, deterministic: bool, need_grad: bool, precision: str = "tf32"
+) -> RelationPlan:
+    """Tile sizes and pass structure for N' = m kept tokens, head dims d_s (student), d_t (teacher).
+
+    Args:
+        precision: tl.dot input precision (see :func:`_precision`); "ieee" (exact fp32) gets smaller tiles.
+    """
+    block_ds, block_dt = _pad_dim(d_s), _pad_dim(d_t)
+    ieee = precision == "ieee"
+    single = m <= TUNING["ieee_single_block_max" if ieee else "single_block_max"]
+    block_m = max(16, triton.next_power_of_2(m)) if single else TUNING["ieee_block_m" if ieee else "block_m"]
+    block_n = TUNING["block_n"] if max(block_ds, block_dt) <= 64 else TUNING["block_n_wide"]
+    block_n = min(block_n, block_m, TUNING["ieee_block_n"] if ieee else block_n)
+    if not need_grad:
+        mode = "forward"
+    elif single:
+        mode = "single"
+    else:
+        mode = "two_pass" if deterministic else "atomic"
+    return RelationPlan(block_m, block_n, block_ds, block_dt, 8 if block_m >= 128 else 4, mode)
 
 
 def _precision(*dtypes: torch.dtype) -> str:
@@ -301,39 +405,58 @@ def _precision(*dtypes: torch.dtype) -> str:
     return "tf32"
 
 
-def relation_kernel_configs(dtypes=(torch.float16, torch.bfloat16, torch.float32), dims=(16, 32, 64, 80, 128)):
-    """Every constexpr combination the relation launcher can ship, for ahead-of-time compile tests.
+def relation_kernel_configs(dtypes=(torch.float16, torch.bfloat16, torch.float32), dims=(16, 32, 64, 128)):
+    """Every constexpr combination the relation launcher ships (for ahead-of-time compile tests).
+
+    Per dtype and padded head dim: the single-block pass (N' <= 128, dq and dk stored), the atomic pass
+    (N' > 128), both deterministic two-pass launches, the forward-only pass; plus the small single blocks
+    (N' <= 16, 32, 64) and the L1 (beta = 0) and TF32 variants once.
 
     Returns:
-        List of dicts: dtype, d (head dim, before padding), constexprs.
+        List of dicts with keys dtype, d (padded head dim), num_warps, constexprs.
     """
     out = []
+
+    def add(dtype, d, m, mode, precision=None, is_l1=False):
+        prec = precision or _precision(dtype)
+        if mode == "single":
+            m = min(m, TUNING["ieee_single_block_max" if prec == "ieee" else "single_block_max"])
+        plan = plan_relation(m, d, d, mode == "two_pass", mode != "forward", prec)
+        for compute_loss, grad_a, grad_b, _ in plan.passes:
+            c = plan.constexprs(compute_loss, grad_a, grad_b, prec, is_l1)
+            if not any(o["dtype"] == dtype and o["constexprs"] == c for o in out):
+                out.append(dict(dtype=dtype, d=d, num_warps=plan.num_warps, constexprs=c))
+
     for dtype in dtypes:
         for d in dims:
-            d_pad = _pad_dim(d)
-            for m in (16, 64):
-                bm, bn = _block_sizes(m, d_pad)
-                for compute_loss, atomic in ((True, True), (True, False), (False, False)):
-                    for prec in ("ieee", "tf32") if dtype == torch.float32 else ("tf32",):
-                        constexprs = dict(
-                            BLOCK_M=bm, BLOCK_N=bn, BLOCK_DS=d_pad, BLOCK_DT=d_pad, COMPUTE_LOSS=compute_loss,
-                            ATOMIC_GRAD_B=atomic, IS_L1=False, PRECISION=prec,
-                        )  # fmt: skip
-                        out.append(dict(dtype=dtype, d=d, constexprs=constexprs))
-    out.append(dict(dtype=torch.bfloat16, d=64, constexprs={**out[0]["constexprs"], "IS_L1": True}))
+            add(dtype, d, 128, "single")
+            add(dtype, d, 200, "atomic")
+            add(dtype, d, 200, "two_pass")
+            add(dtype, d, 200, "forward")
+        for m in (16, 32, 64):
+            add(dtype, 64, m, "single")
+    if torch.float32 in dtypes:
+        add(torch.float32, 64, 128, "single", precision="tf32")
+        add(torch.float32, 64, 200, "atomic", precision="tf32")
+    add(dtypes[0], 64, 128, "single", is_l1=True)
     return out
 
 
-def gather_kernel_configs(dtypes=(torch.float16, torch.bfloat16, torch.float32), dims=(16, 32, 64, 80, 128)):
+def gather_kernel_configs(dtypes=(torch.float16, torch.bfloat16, torch.float32), dims=(16, 32, 64, 128)):
     """Every constexpr combination of the gather kernel (see :func:`relation_kernel_configs`)."""
     out = []
     for dtype in dtypes:
         for d in dims:
-            for m in (16, 64):
-                bm, bn = _block_sizes(m, _pad_dim(d))
-                prec = "ieee" if dtype == torch.float32 else "tf32"
-                out.append(dict(dtype=dtype, d=d, constexprs=dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pad_dim(d), PRECISION=prec)))
+            for m in (16, 200):
+                bm, bn = _gather_blocks(m, _pad_dim(d))
+                constexprs = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pad_dim(d), PRECISION=_precision(dtype))
+                out.append(dict(dtype=dtype, d=d, num_warps=4, constexprs=constexprs))
     return out
+
+
+def _gather_blocks(m: int, d_pad: int) -> tuple[int, int]:
+    block = max(16, min(64, triton.next_power_of_2(m)))
+    return block, block
 
 
 def _device_ctx(t: torch.Tensor):
@@ -350,23 +473,29 @@ def _grad_dtype(dtype: torch.dtype) -> torch.dtype:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _launch_rows(a_s, b_s, a_t, b_t, keep, grad_a, grad_b, loss_part, beta, scale, inv_count, compute_loss, atomic):
-    """One pass of ``_relation_rows_kernel`` over all (b, h, row-block) programs; see module docstring."""
+def _launch_pass(plan, operands, keep, outs, loss_part, beta, scale, inv_count, flags):
+    """One launch of ``_relation_rows_kernel`` over all (b, h, row-block) programs.
+
+    Args:
+        operands: (a_s, b_s, a_t, b_t): (q_s, k_s, q_t, k_t), or (k_s, q_s, k_t, q_t) for the swapped pass.
+        outs: (grad_a, grad_b) buffers (either may be a stub the pass does not touch).
+        flags: (COMPUTE_LOSS, GRAD_A, GRAD_B, swapped) from the plan.
+    """
+    a_s, b_s, a_t, b_t = operands
+    grad_a, grad_b = outs
+    compute_loss, grad_a_on, grad_b_mode, _ = flags
     bsz, heads, m, ds = a_s.shape
-    dt = a_t.shape[-1]
-    d_pad_s, d_pad_t = _pad_dim(ds), _pad_dim(dt)
-    block_m, block_n = _block_sizes(m, max(d_pad_s, d_pad_t))
-    grid = (bsz * heads * triton.cdiv(m, block_m),)
+    grid = (bsz * heads * triton.cdiv(m, plan.block_m),)
+    constexprs = plan.constexprs(compute_loss, grad_a_on, grad_b_mode, _precision(a_s.dtype, a_t.dtype), beta == 0)
+    assert plan.block_m >= 16 and plan.block_n >= 16
     kernel = _kernel(_relation_rows_kernel, interpret_mode())
-    kernel[grid](
-        a_s, b_s, a_t, b_t, keep, grad_a, grad_b, loss_part,
-        heads, m, ds, dt, scale, beta, (1.0 / beta) if beta > 0 else 0.0, inv_count,
-        *a_s.stride(), *b_s.stride(), *a_t.stride(), *b_t.stride(), *keep.stride(), *grad_a.stride()[:3],
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DS=d_pad_s, BLOCK_DT=d_pad_t,
-        COMPUTE_LOSS=compute_loss, ATOMIC_GRAD_B=atomic, IS_L1=beta == 0, PRECISION=_precision(a_s.dtype, a_t.dtype),
-        num_warps=4, num_stages=2,
-    )  # fmt: skip
-    return triton.cdiv(m, block_m)
+    with _launch_scope():
+        kernel[grid](
+            a_s, b_s, a_t, b_t, keep, grad_a, grad_b, loss_part,
+            heads, m, ds, a_t.shape[-1], scale, beta, (1.0 / beta) if beta > 0 else 0.0, inv_count,
+            *a_s.stride(), *b_s.stride(), *a_t.stride(), *b_t.stride(), *keep.stride(), heads * m * ds, m * ds, ds,
+            **constexprs, num_warps=plan.num_warps, num_stages=TUNING["num_stages"],
+        )  # fmt: skip
 
 
 def _launch_relation(q_s, k_s, q_t, k_t, keep_idx, beta, scale, deterministic, need_grad):
@@ -376,25 +505,24 @@ def _launch_relation(q_s, k_s, q_t, k_t, keep_idx, beta, scale, deterministic, n
         (loss (), dq (B, H, N', d_s), dk (B, H, N', d_s)); the gradients are empty when not need_grad.
     """
     bsz, heads, m, ds = q_s.shape
+    plan = plan_relation(m, ds, q_t.shape[-1], deterministic, need_grad, _precision(q_s.dtype, q_t.dtype))
     inv_count = 1.0 / float(bsz * heads * m * m)
     gdtype = _grad_dtype(q_s.dtype)
-    dq = torch.empty((bsz, heads, m, ds), device=q_s.device, dtype=gdtype)  # (B, H, N', d_s)
-    atomic = need_grad and not deterministic
-    dk_acc = torch.zeros((bsz, heads, m, ds), device=q_s.device, dtype=torch.float32) if atomic else dq
-    num_m = triton.cdiv(m, _block_sizes(m, max(_pad_dim(ds), _pad_dim(q_t.shape[-1])))[0])
-    loss_part = torch.empty((bsz * heads * num_m,), device=q_s.device, dtype=torch.float32)
+    shape = (bsz, heads, m, ds) if need_grad else (0,)
+    dq = torch.empty(shape, device=q_s.device, dtype=gdtype)  # (B, H, N', d_s)
+    if plan.mode == "atomic":  # fp32 accumulator for the atomics
+        dk = torch.zeros(shape, device=q_s.device, dtype=torch.float32)
+    else:
+        dk = torch.empty(shape, device=q_s.device, dtype=gdtype)
+    loss_part = torch.empty((bsz * heads * triton.cdiv(m, plan.block_m),), device=q_s.device, dtype=torch.float32)
     with _device_ctx(q_s):
-        _launch_rows(q_s, k_s, q_t, k_t, keep_idx, dq, dk_acc, loss_part, beta, scale, inv_count, True, atomic)
-        if need_grad and deterministic:
-            dk = torch.empty_like(dq)
-            _launch_rows(k_s, q_s, k_t, q_t, keep_idx, dk, dk, loss_part, beta, scale, inv_count, False, False)
-        elif need_grad:
-            dk = dk_acc if gdtype == torch.float32 else dk_acc.to(gdtype)
+        for flags in plan.passes:
+            swapped = flags[3]
+            operands = (k_s, q_s, k_t, q_t) if swapped else (q_s, k_s, q_t, k_t)
+            outs = (dk, dq) if swapped else (dq, dk)
+            _launch_pass(plan, operands, keep_idx, outs, loss_part, beta, scale, inv_count, flags)
     loss = (loss_part.sum(dtype=torch.float64) * inv_count).to(torch.float32)
-    if not need_grad:
-        empty = q_s.new_empty((0,), dtype=gdtype)
-        return loss, empty, empty.clone()
-    return loss, dq, dk
+    return loss, dq, dk.to(gdtype)
 
 
 def _launch_gather(q_t, k_t, keep_idx, scale):
@@ -403,10 +531,10 @@ def _launch_gather(q_t, k_t, keep_idx, scale):
     m = keep_idx.shape[1]
     out = torch.empty((bsz, heads, m, m), device=q_t.device, dtype=torch.float32)
     d_pad = _pad_dim(d)
-    block_m, block_n = _block_sizes(m, d_pad)
+    block_m, block_n = _gather_blocks(m, d_pad)
     grid = (bsz * heads * triton.cdiv(m, block_m) * triton.cdiv(m, block_n),)
     kernel = _kernel(_gather_kernel, interpret_mode())
-    with _device_ctx(q_t):
+    with _device_ctx(q_t), _launch_scope():
         kernel[grid](
             q_t, k_t, keep_idx, out, heads, m, d, scale, *q_t.stride(), *k_t.stride(), *keep_idx.stride(),
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=d_pad, PRECISION=_precision(q_t.dtype), num_warps=4,

@@ -201,7 +201,7 @@ class SlurmCluster:
             "MessageTimeout=30",
             "SchedulerParameters=sched_interval=2,bf_interval=2",
         ]
-        for node, port in zip(self.nodes, node_ports):
+        for node, port in zip(self.nodes, node_ports, strict=True):
             lines.append(f"NodeName={node} NodeHostname={host} NodeAddr=127.0.0.1 Port={port} CPUs={self.cpus} "
                          "RealMemory=4000 State=UNKNOWN")
         lines.append(f"PartitionName=debug Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE State=UP")
@@ -360,10 +360,11 @@ def _kill_pid(pid: int) -> None:
 
 
 if __name__ == "__main__":
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     cluster = SlurmCluster().start()
-    print(f"export SLURM_CONF={cluster.conf}   # Ctrl-C to tear down", flush=True)
+    print(f"export SLURM_CONF={cluster.conf}   # Ctrl-C or SIGTERM tears it down", flush=True)
     try:
         signal.sigwait({signal.SIGINT, signal.SIGTERM})
     finally:
         cluster.stop()
-        sys.exit(0)
+    sys.exit(0)

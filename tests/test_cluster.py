@@ -98,16 +98,13 @@ def test_single_process() -> None:
 
 
 def test_setup_dist_env_writes_environ(monkeypatch: pytest.MonkeyPatch) -> None:
-    for key in [k for k in os.environ if k.startswith("SLURM_")] + ["RANK", "LOCAL_RANK", "WORLD_SIZE",
-                                                                     "MASTER_ADDR", "MASTER_PORT"]:
-        monkeypatch.delenv(key, raising=False)
     monkeypatch.setattr(cluster, "query_node_addr", lambda host: "127.0.0.9")
-    for key, value in SLURM_TASK.items():
-        monkeypatch.setenv(key, value)
-    env = cluster.setup_dist_env()
+    environ = dict(SLURM_TASK)
+    env = cluster.setup_dist_env(environ)
     assert env.source == "slurm" and env.is_main is False
-    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["MASTER_ADDR"]) == ("3", "4", "127.0.0.9")
+    assert (environ["RANK"], environ["WORLD_SIZE"], environ["MASTER_ADDR"]) == ("3", "4", "127.0.0.9")
     assert "rank 3/4 (local 1) via slurm" in env.describe()
+    assert cluster.setup_dist_env(environ) == DistEnv(3, 1, 4, "launcher", "127.0.0.9", 20000 + 12345)
 
 
 def test_bad_integer_is_named() -> None:
@@ -142,9 +139,14 @@ def test_master_addr_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.Capture
 # StopRequest
 
 
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in ("HD_STOP_FILE", "HD_STOPPED_FILE", "RANK"):
+        monkeypatch.delenv(key, raising=False)
+
+
 @pytest.fixture()
-def stop(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.delenv("HD_STOP_FILE", raising=False)
+def stop():
     request = StopRequest().install()
     yield request
     request.uninstall()
@@ -168,14 +170,35 @@ def test_uninstall_restores_handlers() -> None:
     assert signal.getsignal(signal.SIGUSR1) == before
 
 
-def test_stop_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    path = tmp_path / "STOP"
+def test_stop_file_and_stopped_marker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path, marker = tmp_path / "STOP", tmp_path / "STOPPED"
     monkeypatch.setenv("HD_STOP_FILE", str(path))
+    monkeypatch.setenv("HD_STOPPED_FILE", str(marker))
     request = StopRequest()
-    assert request.stop_file == path and request.should_stop() is False
+    assert request.stop_files == (path,) and request.should_stop() is False
+    assert not marker.exists()
     path.touch()
     assert request.should_stop() is True
     assert request.reason == f"stop file {path}"
+    assert marker.read_text() == f"stop file {path}\n"
+    assert not path.exists(), "a stop file is consumed, so the resumed run does not stop at once"
+
+
+def test_explicit_stop_file_and_env_file_are_both_polled(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    run_stop, job_stop = tmp_path / "run" / "STOP", tmp_path / "job.stop"
+    run_stop.parent.mkdir()
+    monkeypatch.setenv("HD_STOP_FILE", str(job_stop))
+    for created in (run_stop, job_stop):
+        request = StopRequest(stop_file=run_stop)
+        assert request.stop_files == (run_stop, job_stop)
+        assert request.should_stop() is False
+        created.touch()
+        assert request.should_stop() is True and request.reason == f"stop file {created}"
+        assert not created.exists()
+
+
+def test_no_stop_file() -> None:
+    assert StopRequest().stop_files == () and StopRequest(stop_file="").stop_files == ()
 
 
 def test_check_every_skips_off_steps(stop: StopRequest) -> None:
@@ -202,3 +225,21 @@ def test_should_stop_agrees_over_a_process_group(stop: StopRequest, tmp_path: Pa
 
 def test_exit_code_is_ex_tempfail() -> None:
     assert cluster.EXIT_REQUEUE == os.EX_TEMPFAIL == 75
+
+
+def test_preemption_signal_does_not_kill_forked_data_workers(stop: StopRequest) -> None:
+    """SLURM signals every process of a step, data-loader workers included: forked after ``install``, they
+    inherit the flag-only handler and keep serving batches."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(torch.arange(64), batch_size=4, num_workers=2, multiprocessing_context="fork")
+    batches = iter(loader)
+    first = next(batches)
+    pids = [worker.pid for worker in batches._workers]  # the iterator's worker processes (private attribute)
+    assert len(pids) == 2
+    for pid in [*pids, os.getpid()]:
+        os.kill(pid, signal.SIGUSR1)
+    rest = list(batches)
+    assert torch.cat([first, *rest]).tolist() == list(range(64))
+    assert stop.should_stop() is True and stop.reason == "signal SIGUSR1"

@@ -1,0 +1,423 @@
+"""DeepSpeed checkpoints with completion markers, pruning, resume resolution and world-size changes.
+
+Layout under ``<run_dir>/checkpoints/``::
+
+    step_00000100/                 DeepSpeed's files (model states, ZeRO optimizer shards) + COMPLETE
+    step_00000100_universal/       made on demand by ``ensure_universal`` when the world size changed
+
+A checkpoint counts only once its ``COMPLETE`` marker exists. Rank 0 writes it atomically after every rank has
+returned from ``engine.save_checkpoint``, so a job killed mid-save leaves a directory that is never picked
+(``find_latest`` ignores it and the next save prunes it). DeepSpeed's own ``latest`` file is not written.
+
+Resuming on a different number of processes: a ZeRO checkpoint holds one optimizer shard per rank and cannot
+be loaded on another world size. ``save`` stores ``universal_checkpoint_info`` so that DeepSpeed's converter
+(``python -m deepspeed.checkpoint.ds_to_universal``) can turn it into a *universal* checkpoint, which loads
+on any world size with ``"checkpoint": {"load_universal": true}`` in the DeepSpeed config. The trainer does::
+
+    tag_dir = resolve_resume(args.resume, run_dir)
+    if tag_dir is not None and needs_universal(tag_dir):
+        tag_dir = ensure_universal(tag_dir)               # rank 0 converts, others wait at a barrier
+        ds_config["checkpoint"] = {"load_universal": True}
+    engine = build_engine(...)
+    client_state = load(engine, tag_dir, load_universal=ds_config.get("checkpoint", {}).get("load_universal", False))
+    restore_rng_states(client_state)
+
+Checked with deepspeed 0.19.8 on CPU (gloo), 2 processes -> 1, ZeRO-2 and ZeRO-3 (tests) and ZeRO-1 (by hand):
+fp32 master weights, AdamW ``exp_avg``/``exp_avg_sq``, the AdamW step count and the client state are restored
+exactly, and the next optimizer step on 1 process (2 micro-batches accumulated) matches the 2-process step to
+float rounding (< 1e-6). Not carried across a world-size change: the per-rank RNG states
+(``restore_rng_states`` then returns False and the trainer reseeds). ``load`` works around two bugs of
+DeepSpeed 0.19.8's ZeRO-3 universal load (see ``_repair_optimizer``) that otherwise make the resumed run diverge.
+
+Loading uses ``torch.load(weights_only=False)`` inside DeepSpeed (and in its converter): these are DeepSpeed's
+own files written by this trainer; do not resume from checkpoints of untrusted origin.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger("hybrid_distill.checkpoint")
+
+MARKER = "COMPLETE"
+UNIVERSAL_SUFFIX = "_universal"
+_TAG_RE = re.compile(r"^step_(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be found, is incomplete, or cannot be loaded; the message names the path."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Names, markers, discovery
+
+
+def tag_name(step: int) -> str:
+    """Checkpoint tag for an optimizer step, e.g. ``step_00000120``."""
+    return f"step_{step:08d}"
+
+
+def tag_step(path: str | Path) -> int | None:
+    """Step encoded in a tag directory name, or None for anything else (including ``*_universal``)."""
+    match = _TAG_RE.match(Path(path).name)
+    return int(match.group(1)) if match else None
+
+
+def read_marker(tag_dir: str | Path) -> dict[str, Any] | None:
+    """The parsed ``COMPLETE`` marker of a checkpoint directory, or None when it is absent or unreadable."""
+    try:
+        data = json.loads((Path(tag_dir) / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def write_marker(tag_dir: str | Path, info: dict[str, Any]) -> None:
+    """Write the ``COMPLETE`` marker atomically (temporary file + ``os.replace``)."""
+    path = Path(tag_dir) / MARKER
+    tmp = path.with_name(f".{MARKER}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(info, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def complete_checkpoints(ckpt_dir: str | Path) -> list[Path]:
+    """Complete tag directories under ``ckpt_dir``, oldest step first."""
+    root = Path(ckpt_dir)
+    if not root.is_dir():
+        return []
+    tags = [p for p in root.iterdir() if p.is_dir() and tag_step(p) is not None and read_marker(p) is not None]
+    return sorted(tags, key=tag_step)
+
+
+def find_latest(ckpt_dir: str | Path) -> Path | None:
+    """Newest complete checkpoint (tag directory with a marker) under ``ckpt_dir``, or None."""
+    tags = complete_checkpoints(ckpt_dir)
+    return tags[-1] if tags else None
+
+
+def resolve_resume(arg: str, run_dir: str | Path) -> Path | None:
+    """Turn ``--resume`` into a checkpoint directory.
+
+    Args:
+        arg: ``"auto"`` (newest complete checkpoint of this run, None if there is none), ``"none"``, or a path:
+            a tag directory, a ``checkpoints`` directory or a run directory (newest complete checkpoint in it).
+        run_dir: this run's directory (``auto`` looks in ``<run_dir>/checkpoints``).
+
+    Raises:
+        CheckpointError: the path does not exist, is an incomplete checkpoint, or holds no complete checkpoint.
+    """
+    if arg == "none":
+        return None
+    if arg == "auto":
+        return find_latest(Path(run_dir) / "checkpoints")
+    path = Path(arg)
+    if not path.exists():
+        raise CheckpointError(f"--resume {arg}: {str(path)!r} does not exist")
+    if tag_step(path) is not None:
+        if read_marker(path) is None:
+            raise CheckpointError(f"--resume {arg}: {str(path)!r} is incomplete (no {MARKER} marker: the save did "
+                                  "not finish); pick an older checkpoint or use --resume auto")
+        return path
+    for candidate in (path, path / "checkpoints"):
+        latest = find_latest(candidate)
+        if latest is not None:
+            return latest
+    raise CheckpointError(f"--resume {arg}: no complete checkpoint (step_XXXXXXXX directory with a {MARKER} "
+                          f"marker) in {str(path)!r}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Save and prune
+
+
+def save(engine: Any, ckpt_dir: str | Path, step: int, client_state: dict[str, Any], keep_last: int) -> Path:
+    """Save a DeepSpeed checkpoint tagged ``step_{step:08d}``; call on every rank.
+
+    ``client_state`` is stored in DeepSpeed's model-states file (and returned by ``load``), extended with
+    ``universal_checkpoint_info`` (needed by the universal converter) and ``rng_states`` (every rank's RNG
+    state, gathered, see ``restore_rng_states``). An existing directory for the same step (a run resumed
+    from an older checkpoint) is replaced. After all ranks have saved, rank 0 writes the ``COMPLETE`` marker
+    and prunes to the newest ``keep_last`` complete checkpoints.
+
+    Returns:
+        The tag directory.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    tag_dir = ckpt_dir / tag_name(step)
+    if _rank() == 0:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        for stale in (tag_dir, universal_dir(tag_dir)):
+            _remove_checkpoint(stale)
+    state = dict(client_state, universal_checkpoint_info={}, rng_states=_gather(rng_state()))
+    _barrier()
+    engine.save_checkpoint(str(ckpt_dir), tag=tag_dir.name, client_state=state, save_latest=False)
+    _barrier()
+    if _rank() == 0:
+        write_marker(tag_dir, {"step": step, "tag": tag_dir.name, "world_size": _world_size(),
+                               "zero_stage": int(engine.zero_optimization_stage()),
+                               "deepspeed": _ds_version(), "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        prune(ckpt_dir, keep_last, protect=tag_dir)
+    _barrier()
+    return tag_dir
+
+
+def prune(ckpt_dir: str | Path, keep_last: int, protect: Path | None = None) -> list[Path]:
+    """Delete complete checkpoints beyond the newest ``keep_last`` and stale leftovers; rank 0 only.
+
+    Stale leftovers are incomplete tag directories older than the newest complete checkpoint (a save that was
+    interrupted) and ``*_universal`` conversions whose source checkpoint is gone. ``protect`` is never deleted.
+    Incomplete directories newer than the newest complete checkpoint are left alone.
+
+    Returns:
+        The deleted directories.
+    """
+    root = Path(ckpt_dir)
+    complete = complete_checkpoints(root)
+    keep = {p.name for p in (complete[-keep_last:] if keep_last > 0 else [])}
+    if protect is not None:
+        keep.add(Path(protect).name)
+    newest = tag_step(complete[-1]) if complete else -1
+    doomed = [p for p in complete if p.name not in keep]
+    doomed += [p for p in root.iterdir() if p.is_dir() and p.name not in keep and tag_step(p) is not None
+               and read_marker(p) is None and tag_step(p) < newest]
+    for path in doomed:
+        _remove_checkpoint(path)
+    orphans = [p for p in root.iterdir() if p.is_dir() and _universal_source(p) is not None
+               and not _universal_source(p).is_dir()]
+    for path in orphans:
+        _remove_checkpoint(path)
+    return doomed + orphans
+
+
+def _remove_checkpoint(path: Path) -> None:
+    """Remove the marker first, so a crash half-way leaves an incomplete (never picked) directory."""
+    if not path.exists():
+        return
+    (path / MARKER).unlink(missing_ok=True)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Universal checkpoints (world-size changes)
+
+
+def universal_dir(tag_dir: str | Path) -> Path:
+    """Where the universal conversion of ``tag_dir`` lives: ``<tag_dir>_universal``."""
+    tag_dir = Path(tag_dir)
+    return tag_dir.with_name(tag_dir.name + UNIVERSAL_SUFFIX)
+
+
+def _universal_source(path: Path) -> Path | None:
+    name = path.name.removesuffix(".tmp")
+    if not name.endswith(UNIVERSAL_SUFFIX):
+        return None
+    return path.with_name(name.removesuffix(UNIVERSAL_SUFFIX))
+
+
+def needs_universal(tag_dir: str | Path, world_size: int | None = None) -> bool:
+    """True when ``tag_dir`` was saved with a different world size than ``world_size`` (default: current)."""
+    marker = _require_marker(tag_dir)
+    return int(marker["world_size"]) != (world_size or _world_size())
+
+
+def ensure_universal(tag_dir: str | Path, world_size: int | None = None) -> Path:
+    """Return a directory loadable on the current world size; convert to a universal checkpoint if needed.
+
+    Same world size: ``tag_dir`` itself. Otherwise rank 0 runs DeepSpeed's converter into
+    ``<tag_dir>_universal`` (once; an existing complete conversion is reused) while the other ranks wait at a
+    barrier (call on every rank, after the process group exists, before ``build_engine``). The caller must
+    then set ``ds_config["checkpoint"] = {"load_universal": True}`` and call ``load(..., load_universal=True)``.
+
+    Raises:
+        CheckpointError: the checkpoint is incomplete or the conversion failed (on every rank).
+    """
+    tag_dir = Path(tag_dir)
+    if not needs_universal(tag_dir, world_size):
+        return tag_dir
+    out, error = universal_dir(tag_dir), None
+    if _rank() == 0 and read_marker(out) is None:
+        try:
+            convert_to_universal(tag_dir, out)
+        except CheckpointError as e:
+            error = e
+    _barrier()
+    if error is not None:
+        raise error
+    if read_marker(out) is None:
+        raise CheckpointError(f"universal conversion of {str(tag_dir)!r} failed on rank 0 (see its log)")
+    return out
+
+
+def convert_to_universal(tag_dir: str | Path, out: str | Path) -> Path:
+    """Run ``python -m deepspeed.checkpoint.ds_to_universal`` on ``tag_dir``; atomically produce ``out``.
+
+    Converts into ``<out>.tmp``, adds a ``COMPLETE`` marker (the source's plus ``"universal": true``), then
+    renames it to ``out``. Single process; no process group needed.
+    """
+    tag_dir, out = Path(tag_dir), Path(out)
+    marker = _require_marker(tag_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    workers = str(max(1, min(4, os.cpu_count() or 1)))
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
+           "--output_folder", str(tmp), "--num_extract_workers", workers, "--num_merge_workers", workers]
+    log.info("converting %s to a universal checkpoint: %s", tag_dir, " ".join(cmd))
+    result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        tail = (result.stdout + result.stderr)[-3000:]
+        raise CheckpointError(f"universal conversion of {str(tag_dir)!r} failed (exit {result.returncode}):\n{tail}")
+    write_marker(tmp, dict(marker, universal=True, source=tag_dir.name))
+    _remove_checkpoint(out)
+    os.replace(tmp, out)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Load
+
+
+def load(engine: Any, tag_dir: str | Path, load_universal: bool = False) -> dict[str, Any]:
+    """Load weights, optimizer state and client state from a checkpoint into ``engine``; call on every rank.
+
+    Args:
+        engine: a DeepSpeed engine built with the same module and optimizer layout.
+        tag_dir: a complete tag directory (or its ``*_universal`` conversion).
+        load_universal: load the universal conversion; the engine must have been built with
+            ``"checkpoint": {"load_universal": true}`` (see ``ensure_universal``).
+
+    The optimizer's hyperparameters (weight decay, betas, eps, lr) stay those of the engine as built from the
+    current config; only its state (moments, step count) comes from the checkpoint.
+
+    Returns:
+        The client state given to ``save`` (plus DeepSpeed's own keys).
+
+    Raises:
+        CheckpointError: incomplete checkpoint, world-size mismatch without universal loading, or DeepSpeed failed.
+    """
+    source = Path(tag_dir)
+    if load_universal:
+        if not engine.load_universal_checkpoint():
+            raise CheckpointError('load_universal=True needs ds_config["checkpoint"] = {"load_universal": True} '
+                                  "before build_engine")
+        if _universal_source(source) is None:
+            source = universal_dir(source)
+    marker = _require_marker(source)
+    if not load_universal and int(marker["world_size"]) != _world_size():
+        raise CheckpointError(f"{str(source)!r} was saved by {marker['world_size']} processes, this run has "
+                              f"{_world_size()}: convert it with ensure_universal() and load with load_universal")
+    hyper = [{k: v for k, v in group.items() if k != "params"} for group in engine.optimizer.param_groups]
+    try:
+        path, client_state = engine.load_checkpoint(str(source.parent), tag=source.name, load_optimizer_states=True,
+                                                    load_lr_scheduler_states=False)
+    except Exception as e:  # DeepSpeed raises assorted errors (AssertionError, RuntimeError, KeyError, ...)
+        raise CheckpointError(f"DeepSpeed could not load checkpoint {str(source)!r}: {type(e).__name__}: {e}") from e
+    if path is None:
+        raise CheckpointError(f"DeepSpeed could not load checkpoint {str(source)!r} (missing model-state files?)")
+    _repair_optimizer(engine, hyper)
+    return client_state or {}
+
+
+def _repair_optimizer(engine: Any, hyper: list[dict[str, Any]]) -> None:
+    """Undo two DeepSpeed 0.19.8 ZeRO-3 universal-load bugs (harmless for every other load).
+
+    1. It copies param group 0's hyperparameters to every group (weight decay 0.05 on norms, biases, CLS): the
+       current config owns them, so the values the engine was built with are put back.
+    2. It stores one shared ``step`` tensor in every group's state, which AdamW then increments once per group
+       per step (wrong bias correction): each state gets its own copy.
+    """
+    for group, values in zip(engine.optimizer.param_groups, hyper, strict=True):
+        group.update(values)
+    base = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    for state in getattr(base, "state", {}).values():
+        if isinstance(state.get("step"), torch.Tensor):
+            state["step"] = state["step"].clone()
+
+
+def _require_marker(tag_dir: str | Path) -> dict[str, Any]:
+    marker = read_marker(tag_dir)
+    if marker is None:
+        raise CheckpointError(f"{str(tag_dir)!r} is not a complete checkpoint (no readable {MARKER} marker)")
+    return marker
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# RNG state
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states: Python ``random``, NumPy, torch CPU and (if available) the current CUDA device."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore states captured by ``rng_state`` (CUDA only when present in both the state and this process)."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def restore_rng_states(client_state: dict[str, Any]) -> bool:
+    """Restore this rank's RNG state from a loaded client state.
+
+    Returns:
+        True when restored; False when the checkpoint has no RNG states or was saved with another world size
+        (then the caller should reseed deterministically, e.g. from seed, rank and step).
+    """
+    states = client_state.get("rng_states")
+    if not states or len(states) != _world_size():
+        return False
+    set_rng_state(states[_rank()])
+    return True
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# torch.distributed helpers (work without a process group: single process)
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _gather(obj: Any) -> list[Any]:
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _ds_version() -> str:
+    try:
+        import deepspeed
+
+        return deepspeed.__version__
+    except ImportError:  # pragma: no cover
+        return "unknown"

@@ -1,0 +1,246 @@
+"""Run logging: ``train.log``, ``metrics.jsonl``, TensorBoard, W&B, a console progress view and ``loss.png``.
+
+Only the main rank writes files. ``metrics.jsonl`` has one JSON object per ``log`` call: ``step`` plus the
+values passed (non-finite numbers are written as ``null`` so the file stays strict JSON). It is appended to,
+so a resumed run continues the same file; rows for steps repeated after a resume appear twice and the later
+one wins in ``loss.png``.
+
+Console: on an interactive terminal a tqdm bar with the loss; otherwise (SLURM logs, pipes) one plain line
+per ``log`` call, e.g. ``step 120/5000 | loss 0.4321 | feat 0.3012 | rel 0.1309 | lr 1.20e-04 | 850 img/s``.
+Known keys get short labels (``LABELS``); any other key is printed as ``key value``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from hybrid_distill.config import RunConfig
+
+LOGGER_NAME = "hybrid_distill"
+log = logging.getLogger(f"{LOGGER_NAME}.metrics")
+
+# key -> (label, format); the plain line lists these first, in this order, then the other keys.
+LABELS: dict[str, tuple[str, str]] = {
+    "epoch": ("ep", "{:.2f}"),
+    "loss": ("loss", "{:.4f}"),
+    "feature_loss": ("feat", "{:.4f}"),
+    "relation_loss": ("rel", "{:.4f}"),
+    "lr": ("lr", "{:.2e}"),
+    "grad_norm": ("gnorm", "{:.3f}"),
+    "keep_ratio": ("keep", "{:.3f}"),
+    "images_per_sec": ("img/s", "{:.0f}"),
+    "images_per_sec_per_device": ("img/s/dev", "{:.0f}"),
+    "skipped_steps": ("skipped", "{:d}"),
+}
+PLOTTED = ("loss", "feature_loss", "relation_loss")
+
+
+class _ConsoleFilter(logging.Filter):
+    """Drops records logged with ``extra={"console": False}`` (step lines: ``MetricsLogger`` prints those itself)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return getattr(record, "console", True)
+
+
+class _TqdmHandler(logging.StreamHandler):
+    """Writes through ``tqdm.write`` so log lines do not tear an active progress bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:  # noqa: BLE001 - logging must never raise
+            self.handleError(record)
+
+
+def setup_logging(run_dir: str | Path, is_main: bool, rank: int | None = None) -> logging.Logger:
+    """Configure the ``hybrid_distill`` logger (idempotent).
+
+    Main rank: INFO and above to stderr and to ``<run_dir>/train.log``. Other ranks: WARNING and above to
+    stderr only, prefixed with ``[rank N]``; no files.
+
+    Args:
+        run_dir: the run directory (created on the main rank).
+        is_main: whether this is the main (global rank 0) process.
+        rank: global rank for the prefix (default: the ``RANK`` environment variable, else 0).
+
+    Returns:
+        The configured logger.
+    """
+    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
+    logger = logging.getLogger(LOGGER_NAME)
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    fmt = logging.Formatter(f"%(asctime)s [rank {rank}] %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
+    console = _TqdmHandler(sys.stderr)
+    console.setLevel(logging.INFO if is_main else logging.WARNING)
+    console.addFilter(_ConsoleFilter())
+    console.setFormatter(fmt)
+    logger.addHandler(console)
+    if is_main:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        file_handler = logging.FileHandler(Path(run_dir) / "train.log")
+        file_handler.setFormatter(fmt)
+        logger.addHandler(file_handler)
+    return logger
+
+
+def format_line(step: int, total_steps: int, values: dict[str, Any]) -> str:
+    """The plain progress line, e.g. ``step 120/5000 | loss 0.4321 | feat 0.3000 | lr 1.20e-04 | 850 img/s``."""
+    parts = [f"step {step}/{total_steps}"]
+    for key, (label, spec) in LABELS.items():
+        if key in values:
+            parts.append(_labelled(label, _format(values[key], spec)))
+    parts += [f"{key} {_format(value, '{:.4g}')}" for key, value in values.items() if key not in LABELS]
+    return " | ".join(parts)
+
+
+def _labelled(label: str, text: str) -> str:
+    return f"{text} {label}" if label.startswith("img/s") else f"{label} {text}"
+
+
+def _format(value: Any, spec: str) -> str:
+    if value is None:
+        return "nan"
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    try:
+        return spec.format(int(value) if spec.endswith("d}") else value)
+    except (ValueError, TypeError):
+        return str(value)
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "item"):  # tensors and numpy scalars
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class MetricsLogger:
+    """Writes every logged step to ``metrics.jsonl``, TensorBoard, W&B and the console (main rank only).
+
+    Args:
+        run_dir: the run directory.
+        cfg: ``RunConfig`` (``tensorboard``, ``wandb``, ``wandb_project``).
+        is_main: only the main rank writes anything; other ranks' calls are no-ops.
+        total_steps: optimizer steps in the run (progress bar length, ``step N/total``).
+        config: optional full config dict, recorded as the W&B run config.
+        initial_step: where the progress bar starts (a resumed run's step).
+    """
+
+    def __init__(self, run_dir: str | Path, cfg: RunConfig, is_main: bool, total_steps: int,
+                 config: dict[str, Any] | None = None, initial_step: int = 0):
+        self.run_dir, self.cfg, self.is_main, self.total_steps = Path(run_dir), cfg, is_main, total_steps
+        self.path = self.run_dir / "metrics.jsonl"
+        self._file = self._tb = self._wandb = self._bar = None
+        if not is_main:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        self._tb = self._open_tensorboard() if cfg.tensorboard else None
+        self._wandb = self._open_wandb(config) if cfg.wandb else None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=initial_step, dynamic_ncols=True, unit="step")
+
+    def _open_tensorboard(self) -> Any:
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+
+    def _open_wandb(self, config: dict[str, Any] | None) -> Any:
+        try:
+            import wandb
+        except ImportError:
+            log.warning("run.wandb=true but wandb is not installed (pip install wandb); logging without W&B")
+            return None
+        return wandb.init(project=self.cfg.wandb_project, dir=str(self.run_dir), config=config, name=self.run_dir.name)
+
+    def log(self, step: int, values: dict[str, Any]) -> None:
+        """Record ``values`` (floats/ints, 0-d tensors accepted) at optimizer step ``step``."""
+        if not self.is_main:
+            return
+        row = {"step": int(step), **{k: _jsonable(v) for k, v in values.items()}}
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+        numeric = {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))}
+        if self._tb is not None:
+            for key, value in numeric.items():
+                self._tb.add_scalar(f"train/{key}", value, step)
+        if self._wandb is not None:
+            self._wandb.log(numeric, step=step)
+        self._console(step, row)
+
+    def _console(self, step: int, row: dict[str, Any]) -> None:
+        line = format_line(step, self.total_steps, {k: v for k, v in row.items() if k != "step"})
+        log.info(line, extra={"console": False})  # to train.log only; the console gets it below
+        if self._bar is None:
+            print(line, file=sys.stderr, flush=True)
+            return
+        self._bar.n = min(step, self.total_steps)
+        if row.get("loss") is not None:
+            self._bar.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
+        self._bar.refresh()
+
+    def close(self) -> None:
+        """Write ``loss.png`` from ``metrics.jsonl`` and close every writer (safe to call twice)."""
+        if not self.is_main or self._file is None:
+            return
+        self._file.close()
+        self._file = None
+        if self._bar is not None:
+            self._bar.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+        plot_losses(self.path, self.run_dir / "loss.png")
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a ``metrics.jsonl``, one per step (the last row wins for repeated steps), sorted by step."""
+    rows: dict[int, dict[str, Any]] = {}
+    for line in Path(path).read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            rows[int(row["step"])] = row
+    return [rows[s] for s in sorted(rows)]
+
+
+def plot_losses(metrics_path: str | Path, out_path: str | Path) -> Path | None:
+    """Plot ``loss``, ``feature_loss`` and ``relation_loss`` against step into a PNG (matplotlib Agg).
+
+    Returns:
+        ``out_path``, or None when there is nothing to plot.
+    """
+    rows = read_metrics(metrics_path) if Path(metrics_path).is_file() else []
+    series = {key: [(r["step"], r[key]) for r in rows if r.get(key) is not None] for key in PLOTTED}
+    if not any(series.values()):
+        log.warning("no losses in %s; not writing %s", metrics_path, out_path)
+        return None
+    from matplotlib.figure import Figure  # no pyplot: no global backend state, renders with Agg
+
+    fig = Figure(figsize=(7, 4), dpi=120)
+    ax = fig.subplots()
+    for key, points in series.items():
+        if points:
+            ax.plot([x for x, _ in points], [y for _, y in points], label=key)
+    ax.set(xlabel="optimizer step", ylabel="loss", title="hybrid distillation")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_path)
+    return Path(out_path)

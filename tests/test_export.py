@@ -1,0 +1,114 @@
+"""hybrid_distill.export: ZeRO checkpoint -> timm checkpoint that timm reloads with identical outputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from ds_testlib import run_ranks, tiny_config
+
+from hybrid_distill import checkpoint as ck
+from hybrid_distill.export import ExportError, export_student, main
+
+
+def _scenario_train_and_save(tmp: str, stages: list[int]) -> dict:
+    """For each ZeRO stage: a run dir with config.yaml + a real checkpoint, and the student's reference outputs."""
+    from deepspeed.utils import safe_get_full_fp32_param
+    from ds_testlib import REPO
+    from torch import nn
+
+    from hybrid_distill.config import save_config
+    from hybrid_distill.engine import build_engine, resolve_ds_config
+    from hybrid_distill.student import build_student
+
+    class Trainable(nn.Module):
+        def __init__(self, student, target_dim):
+            super().__init__()
+            self.student, self.head = student, nn.Linear(student.embed_dim, target_dim)
+
+        def forward(self, x):
+            return self.head(self.student.forward_features(x))
+
+    runs = {}
+    for stage in stages:
+        cfg = tiny_config(batch_size=2, global_batch_size=2)
+        run_dir = Path(tmp) / f"run_zero{stage}"
+        run_dir.mkdir()
+        save_config(cfg, run_dir / "config.yaml")
+        torch.manual_seed(stage)
+        ds = resolve_ds_config(REPO / "ds_configs" / f"zero{stage}.json", cfg, 1, "cpu")
+        engine = build_engine(Trainable(build_student(cfg.student), 96), cfg, ds)
+        for i in range(2):
+            x = torch.rand(2, 3, cfg.student.img_size, cfg.student.img_size, generator=torch.Generator().manual_seed(i))
+            engine.backward(engine(x).pow(2).mean())
+            engine.step()
+        ck.save(engine, run_dir / "checkpoints", 2, {"step": 2}, keep_last=2)
+        weights = {n.removeprefix("student."): safe_get_full_fp32_param(p).clone()
+                   for n, p in engine.module.named_parameters() if n.startswith("student.")}
+        reference = build_student(cfg.student).eval()
+        reference.load_state_dict(weights)
+        image = torch.rand(2, 3, cfg.student.img_size, cfg.student.img_size, generator=torch.Generator().manual_seed(9))
+        with torch.no_grad():
+            torch.save({"image": image, "features": reference.forward_features(image)}, run_dir / "reference.pt")
+        runs[stage] = str(run_dir)
+    return runs
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[int, Path]:
+    tmp = tmp_path_factory.mktemp("export")
+    made = run_ranks(_scenario_train_and_save, tmp=str(tmp), stages=[2, 3])[0]
+    return {int(stage): Path(path) for stage, path in made.items()}
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_export_round_trip_identical_outputs(runs, tmp_path, stage):
+    import timm
+    from safetensors.torch import load_file
+
+    run_dir = runs[stage]
+    weights = export_student(run_dir, tmp_path / "export")  # in-process: no process group needed
+    info = json.loads((tmp_path / "export" / "export.json").read_text())
+    assert weights == tmp_path / "export" / "model.safetensors"
+    assert info["model"] == "vit_small_patch16_224" and info["step"] == 2
+    assert info["kwargs"] == {"img_size": 64, "num_classes": 0, "patch_size": 8, "embed_dim": 64, "depth": 6,
+                              "num_heads": 4}
+    keys = load_file(weights).keys()
+    assert not any(k.startswith(("head.", "student.")) for k in keys) and "pos_embed" in keys  # head dropped
+    ref = torch.load(run_dir / "reference.pt")
+    model = timm.create_model(info["model"], pretrained=True, pretrained_cfg_overlay=dict(file=str(weights)),
+                              **info["kwargs"]).eval()
+    local = timm.create_model(f"local-dir:{tmp_path / 'export'}", pretrained=True).eval()
+    with torch.no_grad():
+        for loaded in (model, local):
+            torch.testing.assert_close(loaded.forward_features(ref["image"]), ref["features"], rtol=0, atol=1e-6)
+    assert info["load"] in (tmp_path / "export" / "README.md").read_text()
+
+
+def test_cli_with_tag_dir_and_tag(runs, tmp_path, capsys):
+    tag_dir = runs[2] / "checkpoints" / "step_00000002"
+    assert main([str(tag_dir), "--out", str(tmp_path / "a")]) == 0
+    assert "load with: timm.create_model(" in capsys.readouterr().out
+    assert main([str(runs[2]), "--out", str(tmp_path / "b"), "--tag", "step_00000002"]) == 0
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+
+
+def test_clear_errors(runs, tmp_path, capsys):
+    with pytest.raises(ExportError, match="nowhere.*does not exist"):
+        export_student(tmp_path / "nowhere", tmp_path / "out")
+    (tmp_path / "empty_run" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(ExportError, match="no complete checkpoint.*empty_run"):
+        export_student(tmp_path / "empty_run", tmp_path / "out")
+    with pytest.raises(ExportError, match="checkpoint 'step_00000099'"):
+        export_student(runs[2], tmp_path / "out", tag="step_00000099")
+    partial = tmp_path / "partial_run" / "checkpoints" / "step_00000005"
+    partial.mkdir(parents=True)
+    with pytest.raises(ExportError, match="step_00000005.*incomplete"):
+        export_student(partial, tmp_path / "out")
+    ck.write_marker(partial, {"step": 5, "world_size": 1})
+    with pytest.raises(ExportError, match="partial_run/config.yaml.*not found"):
+        export_student(partial, tmp_path / "out")
+    assert main([str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")]) == 2
+    assert "export: error:" in capsys.readouterr().err

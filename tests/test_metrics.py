@@ -1,0 +1,129 @@
+"""hybrid_distill.metrics: metrics.jsonl, console lines / progress bar, TensorBoard, loss.png, train.log."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+
+import pytest
+
+from hybrid_distill.config import RunConfig
+from hybrid_distill.metrics import LOGGER_NAME, MetricsLogger, format_line, read_metrics, setup_logging
+
+VALUES = {"epoch": 0.5, "loss": 0.43214, "feature_loss": 0.3, "relation_loss": 0.13214, "lr": 1.2e-4,
+          "grad_norm": 1.5, "keep_ratio": 0.34, "images_per_sec": 850.4, "skipped_steps": 0, "time_data": 0.0123}
+
+
+@pytest.fixture(autouse=True)
+def _reset_logger():
+    yield
+    logger = logging.getLogger(LOGGER_NAME)
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+    logger.propagate = True
+
+
+class _Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_format_line():
+    line = format_line(120, 5000, VALUES)
+    assert line == ("step 120/5000 | ep 0.50 | loss 0.4321 | feat 0.3000 | rel 0.1321 | lr 1.20e-04 | gnorm 1.500 | "
+                    "keep 0.340 | 850 img/s | skipped 0 | time_data 0.0123")
+    assert format_line(1, 2, {"loss": float("nan")}) == "step 1/2 | loss nan"
+
+
+def test_jsonl_tensorboard_plain_lines_and_png(tmp_path, capsys):
+    import torch
+
+    logger = MetricsLogger(tmp_path, RunConfig(tensorboard=True), is_main=True, total_steps=4)
+    for step in (1, 2, 3):
+        logger.log(step, dict(VALUES, loss=torch.tensor(1.0 / step), relation_loss=0.1 * step))
+    logger.log(4, {"loss": float("nan"), "lr": 1e-5})
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert rows[1]["loss"] == 0.5 and rows[2]["relation_loss"] == pytest.approx(0.3)
+    assert rows[0]["skipped_steps"] == 0 and isinstance(rows[0]["skipped_steps"], int)
+    assert rows[3] == {"step": 4, "loss": None, "lr": 1e-5}  # non-finite -> null: strict JSON
+    err = capsys.readouterr().err  # pytest's stderr is not a terminal: plain lines
+    assert err.splitlines()[0].startswith("step 1/4 | ep 0.50 | loss 1.0000 | feat 0.3000 | rel 0.1000 | lr 1.20e-04")
+    assert "step 4/4 | loss nan | lr 1.00e-05" in err
+    logger.close()
+    logger.close()  # idempotent
+    png = (tmp_path / "loss.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    events = list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(events) == 1
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(events[0]))
+    acc.Reload()
+    assert [(e.step, round(e.value, 4)) for e in acc.Scalars("train/loss")] == [(1, 1.0), (2, 0.5), (3, 0.3333)]
+    assert "train/relation_loss" in acc.Tags()["scalars"]
+
+
+def test_progress_bar_on_a_terminal(tmp_path, monkeypatch):
+    tty = _Tty()
+    monkeypatch.setattr("sys.stderr", tty)
+    logger = MetricsLogger(tmp_path, RunConfig(tensorboard=False), is_main=True, total_steps=10)
+    logger.log(5, {"loss": 0.25})
+    logger.close()
+    out = tty.getvalue()
+    assert "step 5/10" not in out  # no plain lines
+    assert "5/10" in out and "loss=0.2500" in out
+    assert not (tmp_path / "tensorboard").exists()
+
+
+def test_non_main_rank_writes_nothing(tmp_path, capsys):
+    logger = MetricsLogger(tmp_path / "run", RunConfig(wandb=True), is_main=False, total_steps=10)
+    logger.log(1, {"loss": 1.0})
+    logger.close()
+    assert not (tmp_path / "run").exists()
+    assert capsys.readouterr().err == ""
+
+
+def test_wandb_requested_but_missing_warns(tmp_path, caplog):
+    try:
+        import wandb  # noqa: F401
+
+        pytest.skip("wandb is installed here")
+    except ImportError:
+        pass
+    with caplog.at_level(logging.WARNING, logger=LOGGER_NAME):
+        logger = MetricsLogger(tmp_path, RunConfig(wandb=True, tensorboard=False), is_main=True, total_steps=1)
+    logger.close()
+    assert "wandb is not installed" in caplog.text
+
+
+def test_resumed_run_appends_and_latest_row_wins(tmp_path):
+    for losses in ({1: 1.0, 2: 0.9, 3: 0.8}, {3: 0.7, 4: 0.6}):  # the second run resumed from step 2
+        logger = MetricsLogger(tmp_path, RunConfig(tensorboard=False), is_main=True, total_steps=4)
+        for step, loss in losses.items():
+            logger.log(step, {"loss": loss})
+        logger.close()
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 5
+    assert [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "metrics.jsonl")] == [
+        (1, 1.0), (2, 0.9), (3, 0.7), (4, 0.6)]
+
+
+def test_setup_logging_main_and_other_ranks(tmp_path, capsys):
+    log = setup_logging(tmp_path, is_main=True, rank=0)
+    setup_logging(tmp_path, is_main=True, rank=0)  # idempotent: no duplicated handlers
+    log.info("hello %s", "world")
+    MetricsLogger(tmp_path, RunConfig(tensorboard=False), is_main=True, total_steps=2).log(1, {"loss": 2.0})
+    text = (tmp_path / "train.log").read_text()
+    assert "[rank 0] INFO hello world" in text and "step 1/2 | loss 2.0000" in text
+    err = capsys.readouterr().err
+    assert err.count("hello world") == 1 and err.count("step 1/2") == 1
+
+    other = tmp_path / "rank1"
+    log = setup_logging(other, is_main=False, rank=1)
+    log.info("quiet")
+    log.warning("careful")
+    err = capsys.readouterr().err
+    assert "quiet" not in err and "[rank 1] WARNING careful" in err
+    assert not other.exists()

@@ -1,0 +1,177 @@
+"""The sbatch scripts on a real SLURM cluster (two slurmd "nodes" on loopback, see ``tests/slurm_cluster.py``).
+
+Each test submits ``launchers/*.sbatch`` unchanged with the ``tiny`` preset on CPU (gloo), overriding only
+the resources a CPU box has (``--ntasks-per-node=1 --gpus-per-node=0``). Needs root (apt-get install of
+Debian's slurm packages when missing, munged, slurmd); skipped otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from slurm_cluster import MARKER, SlurmCluster, SlurmUnavailable
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[1]
+SRUN = REPO / "launchers" / "slurm_srun.sbatch"
+DEEPSPEED = REPO / "launchers" / "slurm_deepspeed.sbatch"
+JOB_TIMEOUT = 240  # seconds for one run of a job (start-up of two DeepSpeed ranks on 2 shared cores included)
+
+
+@pytest.fixture(scope="session")
+def slurm() -> Iterator[SlurmCluster]:
+    """A running two-node cluster for the whole session, torn down at the end."""
+    cluster = SlurmCluster(nodes=("n1", "n2"), cpus=2)
+    try:
+        cluster.start()
+    except SlurmUnavailable as e:
+        pytest.skip(f"no SLURM cluster: {e}")
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+class Job:
+    """One submitted training job: its id, run directory and logs."""
+
+    def __init__(self, cluster: SlurmCluster, script: Path, tmp: Path, overrides: list[str],
+                 options: tuple[str, ...] = ()) -> None:
+        self.cluster, self.tmp = cluster, tmp
+        self.run_dir, self.log_dir = tmp / "run", tmp / "logs"
+        env = {"HD_ACCELERATOR": "cpu", "HD_GPUS_PER_NODE": "1", "HD_LOG_DIR": str(self.log_dir),
+               "OMP_NUM_THREADS": "1", "HD_DIST_TIMEOUT_S": "120", "PYTHONPATH": str(REPO)}
+        sbatch_args = ["--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1", "--gpus-per-node=0",
+                       "--time=20", f"--output={tmp}/job-%j.out"]
+        args = [*options, "--preset", "tiny", "--output-dir", str(self.run_dir), "run.log_every=1", *overrides]
+        self.id = cluster.submit(script, args, sbatch_args=sbatch_args, env=env, cwd=REPO)
+
+    def wait(self, states: tuple[str, ...], timeout: float = JOB_TIMEOUT) -> dict[str, str]:
+        try:
+            return self.cluster.wait_for(self.id, states, timeout)
+        except TimeoutError as e:
+            raise AssertionError(f"{e}\n{self.report()}") from None
+
+    def steps(self) -> list[int]:
+        path = self.run_dir / "metrics.jsonl"
+        return [json.loads(line)["step"] for line in path.read_text().splitlines()] if path.exists() else []
+
+    def metrics(self) -> list[dict]:
+        return [json.loads(line) for line in (self.run_dir / "metrics.jsonl").read_text().splitlines()]
+
+    def log(self) -> str:
+        path = self.tmp / f"job-{self.id}.out"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def report(self) -> str:
+        """The job log, each task log's tail and the scheduler's view, for assertion messages."""
+        parts = [f"==> job log <==\n{self.log()}"]
+        for path in sorted(self.log_dir.glob("*.log")):
+            lines = path.read_text(errors="replace").splitlines()[-25:]
+            parts.append(f"==> {path.name} <==\n" + "\n".join(lines))
+        parts.append(f"==> scontrol <==\n{self.cluster.job(self.id)}")
+        return "\n".join(parts)
+
+    def wait_for_steps(self, count: int, timeout: float = JOB_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.steps()) < count:
+            if time.monotonic() > deadline or self.cluster.state(self.id) not in ("PENDING", "RUNNING"):
+                raise AssertionError(f"job {self.id} never logged {count} steps\n{self.report()}")
+            time.sleep(0.2)
+
+    def preempt_and_resume(self, batch: bool) -> None:
+        """Signal as --signal would, expect a checkpoint + requeue, then let the requeued job start now."""
+        self.cluster.signal_job(self.id, "USR1", batch=batch)
+        info = self.wait(("PENDING", "COMPLETED", "FAILED", "CANCELLED"))
+        assert info["JobState"] == "PENDING" and info.get("Restarts") == "1", self.report()
+        self.cluster.release(self.id)
+
+
+def assert_completed(job: Job, info: dict[str, str]) -> None:
+    assert info["JobState"] == "COMPLETED" and info.get("ExitCode") == "0:0", job.report()
+
+
+def assert_continuous(job: Job, max_steps: int) -> None:
+    """Steps 1..max_steps each logged exactly once: the resumed run repeated nothing and skipped nothing."""
+    assert job.steps() == list(range(1, max_steps + 1)), job.report()
+
+
+def test_srun_two_nodes_zero2(slurm: SlurmCluster, tmp_path: Path) -> None:
+    """2 nodes x 1 task, ZeRO-2: completes, world size 2, metrics and a checkpoint written."""
+    job = Job(slurm, SRUN, tmp_path, ["run.max_steps=4"], options=("--ds_config", "ds_configs/zero2.json"))
+    assert_completed(job, job.wait(("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")))
+    assert_continuous(job, 4)
+    assert {m["world_size"] for m in job.metrics()} == {2}
+    assert (tmp_path / "run" / "checkpoints" / "step_00000004").is_dir(), job.report()
+    assert sorted(p.name for p in job.log_dir.glob("*.task*.log")) == [
+        f"hybrid-distill-{job.id}.r0.task0.log", f"hybrid-distill-{job.id}.r0.task1.log"]
+    assert "rendezvous 127.0.0.1:" in job.log()  # NodeAddr of n1, although "n1" does not resolve
+
+
+def test_srun_preemption_requeue_resume(slurm: SlurmCluster, tmp_path: Path) -> None:
+    """SIGUSR1 to the job steps' tasks (--signal=USR1@T): checkpoint, exit 75, requeue, resume, finish."""
+    max_steps = 24
+    job = Job(slurm, SRUN, tmp_path, [f"run.max_steps={max_steps}", "run.ckpt_every=1000"])
+    job.wait_for_steps(2)
+    job.preempt_and_resume(batch=False)
+    first_run = job.steps()
+    assert 2 <= len(first_run) < max_steps, job.report()
+    saved = sorted(p.name for p in (job.run_dir / "checkpoints").glob("step_*"))
+    assert saved == [f"step_{first_run[-1]:08d}"], f"the stop checkpoint is the last trained step\n{job.report()}"
+    assert_completed(job, job.wait(("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")))
+    assert_continuous(job, max_steps)
+    log = job.log()
+    assert "requeueing" in log and "(restart 1)" in log, job.report()
+
+
+def test_deepspeed_launcher_variant_preemption(slurm: SlurmCluster, tmp_path: Path) -> None:
+    """The per-node deepspeed launcher: SIGUSR1 to the batch shell only (--signal=B:USR1@T) becomes a stop file;
+    the run checkpoints, is requeued, resumes and completes."""
+    max_steps = 24
+    job = Job(slurm, DEEPSPEED, tmp_path, [f"run.max_steps={max_steps}", "run.ckpt_every=1000"])
+    job.wait_for_steps(2)
+    job.preempt_and_resume(batch=True)
+    assert "batch shell received SIGUSR1" in job.log(), job.report()
+    assert_completed(job, job.wait(("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")))
+    assert_continuous(job, max_steps)
+    assert {m["world_size"] for m in job.metrics()} == {2}
+    assert (job.run_dir / "checkpoints" / f"step_{max_steps:08d}").is_dir(), job.report()
+
+
+def test_dead_rank_fails_the_job_fast_and_is_named(slurm: SlurmCluster, tmp_path: Path) -> None:
+    """SIGKILL one rank mid-run: the job fails within a bounded time and the log names the task and node."""
+    job = Job(slurm, SRUN, tmp_path, ["run.max_steps=100000"])
+    job.wait_for_steps(2)
+    victims = [pid for pid in _job_tasks(slurm.token, procid="1")]
+    assert victims, job.report()
+    for pid in victims:
+        os.kill(pid, signal.SIGKILL)
+    start = time.monotonic()
+    info = job.wait(("FAILED", "COMPLETED", "CANCELLED"), timeout=120)
+    assert info["JobState"] == "FAILED", job.report()
+    assert time.monotonic() - start < 90, job.report()
+    assert "task 1" in job.log() and "FAILED" in job.log(), job.report()
+
+
+def _job_tasks(token: str, procid: str) -> list[int]:
+    """PIDs of launch.py processes of this cluster with SLURM_PROCID=procid (from /proc, start-up environment)."""
+    wanted = {f"{MARKER}={token}".encode(), f"SLURM_PROCID={procid}".encode()}
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = set((entry / "environ").read_bytes().split(b"\0"))
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if wanted <= environ and b"launch.py" in cmdline:
+            pids.append(int(entry.name))
+    return pids

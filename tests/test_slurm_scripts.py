@@ -1,0 +1,99 @@
+"""Fast checks of the launcher scripts without SLURM: syntax, argument handling and the requeue decision.
+
+``hd_finish`` is exercised with a fake ``scontrol`` on PATH that records its arguments; the real cluster runs
+are in ``tests/test_slurm.py``.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+LAUNCHERS = REPO / "launchers"
+COMMON = LAUNCHERS / "_common.sh"
+
+
+@pytest.mark.parametrize("script", ["_common.sh", "slurm_srun.sbatch", "slurm_deepspeed.sbatch", "single_node.sh"])
+def test_bash_syntax_and_strict_mode(script: str) -> None:
+    path = LAUNCHERS / script
+    subprocess.run(["bash", "-n", str(path)], check=True)
+    if script != "_common.sh":
+        assert "set -euo pipefail" in path.read_text()
+
+
+def test_sbatch_defaults() -> None:
+    srun, ds = (LAUNCHERS / "slurm_srun.sbatch").read_text(), (LAUNCHERS / "slurm_deepspeed.sbatch").read_text()
+    for text in (srun, ds):
+        assert "#SBATCH --requeue" in text and "#SBATCH --output=logs/%x-%j.out" in text
+        assert "--kill-on-bad-exit=1" in text
+    assert "#SBATCH --signal=USR1@180" in srun  # to the tasks: trainers catch it themselves
+    assert "#SBATCH --signal=B:USR1@180" in ds  # to the batch shell only: the deepspeed launcher dies on USR1
+    assert "--no_ssh" in ds and '--node_rank="$SLURM_NODEID"' in ds
+
+
+def _bash(snippet: str, tmp_path: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir(exist_ok=True)
+    scontrol = fake_bin / "scontrol"
+    scontrol.write_text(f'#!/bin/bash\necho "$@" >> {tmp_path}/scontrol.calls\n')
+    scontrol.chmod(0o755)
+    full_env = {"PATH": f"{fake_bin}:/usr/bin:/bin", "HOME": str(tmp_path), **(env or {})}
+    script = f"set -euo pipefail\nsource {COMMON}\n{snippet}\n"
+    return subprocess.run(["bash", "-c", script], env=full_env, capture_output=True, text=True, check=False)
+
+
+def test_build_args_adds_defaults_before_overrides(tmp_path: Path) -> None:
+    out = _bash('hd_build_args --preset tiny run.max_steps=3; printf "%s\\n" "${HD_ARGS[@]}"', tmp_path)
+    assert out.stdout.split() == ["--ds_config", "ds_configs/zero2.json", "--resume", "auto", "--preset", "tiny",
+                                  "run.max_steps=3"]
+    out = _bash('hd_build_args --ds_config z3.json --resume=none a=1; printf "%s\\n" "${HD_ARGS[@]}"', tmp_path)
+    assert out.stdout.split() == ["--ds_config", "z3.json", "--resume=none", "a=1"]
+
+
+@pytest.mark.parametrize("rc, marker, restarts, terminated, requeued, exit_code", [
+    (0, "", "0", False, False, 0),                   # finished
+    (75, "", "0", False, True, 0),                   # stopped on request, all ranks exited 75
+    (143, "signal SIGUSR1", "0", False, True, 0),    # stopped on request, srun killed a rank in its shutdown
+    (75, "stop file x.stop", "0", False, True, 0),
+    (137, "", "0", False, False, 137),               # a crash: no requeue loop
+    (1, "", "0", False, False, 1),
+    (75, "", "50", False, False, 75),                # HD_MAX_REQUEUES reached
+    (75, "signal SIGTERM", "0", False, False, 75),   # scancel/preemption reached the ranks: stay cancelled
+    (75, "stop file x.stop", "0", True, False, 75),  # the batch shell got SIGTERM
+])
+def test_finish_requeue_decision(tmp_path: Path, rc: int, marker: str, restarts: str, terminated: bool,
+                                 requeued: bool, exit_code: int) -> None:
+    stopped = tmp_path / "job.stopped"
+    if marker:
+        stopped.write_text(f"{marker}\n")
+    env = {"SLURM_JOB_ID": "42", "SLURM_RESTART_COUNT": restarts, "HD_STOPPED_FILE": str(stopped),
+           "HD_STOP_FILE": str(tmp_path / "job.stop"), "HD_TASK_LOG_PREFIX": str(tmp_path / "job")}
+    if terminated:
+        env["HD_TERMINATED"] = "1"
+    out = _bash(f"hd_finish {rc}", tmp_path, env)
+    assert out.returncode == exit_code, out.stdout + out.stderr
+    calls = tmp_path / "scontrol.calls"
+    assert (calls.read_text().split() == ["requeue", "42"]) if requeued else not calls.exists()
+    assert not stopped.exists()
+
+
+def test_batch_shell_signal_becomes_stop_file(tmp_path: Path) -> None:
+    """hd_run_step: a USR1 to the batch shell while the step runs creates the stop file; the step's exit code
+    is kept."""
+    stop = tmp_path / "job.stop"
+    snippet = f"""
+        HD_STOP_FILE={stop}
+        rm -f "$HD_STOP_FILE"
+        HD_TERMINATED=0
+        ( sleep 0.5; kill -USR1 $$ ) &
+        hd_run_step bash -c 'for i in $(seq 50); do [[ -e {stop} ]] && exit 75; sleep 0.1; done; exit 3'
+        echo "rc=$HD_STEP_RC requested=$HD_STOP_REQUESTED terminated=$HD_TERMINATED"
+    """
+    out = _bash(snippet, tmp_path)
+    assert "rc=75 requested=1 terminated=0" in out.stdout, out.stdout + out.stderr
+    assert "batch shell received SIGUSR1" in out.stdout
+    out = _bash(snippet.replace("kill -USR1", "kill -TERM"), tmp_path)
+    assert "rc=75 requested=1 terminated=1" in out.stdout, out.stdout + out.stderr
