@@ -3,13 +3,15 @@
 The trainer calls, in this order::
 
     env = cluster.setup_dist_env()                 # RANK/LOCAL_RANK/WORLD_SIZE/MASTER_* in os.environ
+    stop = cluster.StopRequest(stop_file=run_dir / "STOP").install()   # early: before the (long) start-up and
+                                                                       # before data-loader workers fork
     deepspeed.init_distributed(dist_backend=backend, timeout=cluster.dist_timeout())
-    stop = cluster.StopRequest(stop_file=...).install()
     for step in ...:
         ...
         if stop.should_stop(device):             # every rank, at every step boundary: one tiny all_reduce
-            save_checkpoint(); barrier()
-            sys.exit(cluster.EXIT_REQUEUE)         # 75: the sbatch scripts requeue the job
+            save_checkpoint()                      # complete on every rank before anyone exits
+            dist.barrier()                         # after the last file is written (logs, plots) ...
+            sys.exit(cluster.EXIT_REQUEUE)         # ... so all ranks exit 75 together; the scripts requeue
 
 Rank discovery (DESIGN §6): ``RANK`` set means a launcher (deepspeed, torchrun) already did the work. Else a
 SLURM task started by ``srun`` (``SLURM_STEP_ID`` set) is mapped: ``SLURM_PROCID/LOCALID`` and the step's task
@@ -66,6 +68,15 @@ class DistEnv:
     def is_main(self) -> bool:
         """True on global rank 0."""
         return self.rank == 0
+
+    def device_index(self, device_count: int) -> int:
+        """The accelerator this rank should use among the ``device_count`` it sees.
+
+        ``local_rank`` when every rank of the node sees all GPUs (the sbatch scripts, the deepspeed launcher);
+        ``local_rank % device_count`` when the site binds GPUs per task (``--gpus-per-task``, ``--gpu-bind``)
+        and each task sees only its own.
+        """
+        return self.local_rank % device_count if device_count > 0 else 0
 
     def describe(self) -> str:
         """One log line: ``rank 1/8 (local 1) via slurm, master 10.0.0.5:21234 on host gpu017``."""

@@ -15,6 +15,7 @@ position embedding is resampled once, when the weights are loaded.
 
 from __future__ import annotations
 
+import argparse
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,7 +150,9 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             from safetensors.torch import load_file
             sd = load_file(str(path))
         else:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
+            # MAE training checkpoints (checkpoint-N.pth) also hold their argparse.Namespace: allow only that.
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt/truncated/unsafe file: one clear message
         raise CheckpointError(f"cannot read checkpoint {str(path)!r}: {type(e).__name__}: {e}") from e
     for key in ("model", "state_dict", "module"):

@@ -122,6 +122,7 @@ hd_run_step() {
     done
     set +e
     wait "$pid"
+    # shellcheck disable=SC2034  # read by the calling script
     HD_STEP_RC=$?
     set -e
 }

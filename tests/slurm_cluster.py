@@ -299,8 +299,9 @@ class SlurmCluster:
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline and self.run("squeue", "-h", check=False, timeout=30).stdout.strip():
                 time.sleep(1)
-        for name in reversed(list(self._procs)):
-            _terminate(self._procs[name])
+        slurm = [proc for name, proc in self._procs.items() if name != "munged"]
+        _terminate(slurm)  # all slurm daemons at once, then munged, which they use until they exit
+        _terminate([proc for name, proc in self._procs.items() if name == "munged"])
         self._procs.clear()
         for pid in marked_pids(self.token):
             _kill_pid(pid)
@@ -314,11 +315,15 @@ class SlurmCluster:
         self.stop()
 
 
-def _terminate(proc: subprocess.Popen[bytes], grace: float = 10) -> None:
-    if proc.poll() is None:
-        proc.terminate()
+def _terminate(procs: list[subprocess.Popen[bytes]], grace: float = 10) -> None:
+    """SIGTERM every process, wait up to ``grace`` seconds in all, then SIGKILL the rest."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    deadline = time.monotonic() + grace
+    for proc in procs:
         try:
-            proc.wait(grace)
+            proc.wait(max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)

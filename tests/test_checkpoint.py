@@ -152,9 +152,9 @@ def _worst(a: dict, b: dict) -> list:
     return rows[-3:]
 
 
-def _scenario_round_trip(tmp: str) -> dict:
+def _scenario_round_trip(tmp: str, stage: int) -> dict:
     ckpt_dir = Path(tmp) / "checkpoints"
-    engine = _build(stage=2, world_size=1, global_batch=2)
+    engine = _build(stage=stage, world_size=1, global_batch=2)
     for step in (1, 2, 3):
         train_steps(engine, 1, seed=step)
         tag_dir = ck.save(engine, ckpt_dir, step, {"step": step, "data": {"position": 7 * step}}, keep_last=2)
@@ -163,7 +163,7 @@ def _scenario_round_trip(tmp: str) -> dict:
     continued = train_steps(engine, 2, seed=9)
 
     torch.manual_seed(999)  # different RNG and different initial weights in the new engine
-    fresh = _build(stage=2, world_size=1, global_batch=2, seed=5)
+    fresh = _build(stage=stage, world_size=1, global_batch=2, seed=5)
     client_state = ck.load(fresh, ck.find_latest(ckpt_dir), load_universal=False)
     restored_rng = ck.restore_rng_states(client_state)
     rng_ok = torch.equal(expected_rng[0], torch.rand(2)) and expected_rng[1:] == (random.random(), np.random.rand())
@@ -175,11 +175,12 @@ def _scenario_round_trip(tmp: str) -> dict:
         continued=continued, resumed=train_steps(fresh, 2, seed=9))
 
 
-def test_save_load_round_trip_zero2(tmp_path):
-    r = run_ranks(_scenario_round_trip, tmp=str(tmp_path))[0]
+@pytest.mark.parametrize("stage", [2, pytest.param(3, marks=pytest.mark.slow)])
+def test_save_load_round_trip(tmp_path, stage):
+    r = run_ranks(_scenario_round_trip, tmp=str(tmp_path), stage=stage)[0]
     assert r["tag"] == "step_00000003"
     assert r["kept"] == ["step_00000002", "step_00000003"]  # keep_last=2, no DeepSpeed 'latest' needed
-    assert r["marker"]["step"] == 3 and r["marker"]["world_size"] == 1 and r["marker"]["zero_stage"] == 2
+    assert r["marker"]["step"] == 3 and r["marker"]["world_size"] == 1 and r["marker"]["zero_stage"] == stage
     assert r["state_diff"] == 0.0  # fp32 weights, exp_avg, exp_avg_sq bit-identical
     assert r["steps"] == r["restored_steps"] == [3]  # AdamW step count
     assert r["client"] == {"step": 3, "data": {"position": 21}}

@@ -107,6 +107,13 @@ def test_setup_dist_env_writes_environ(monkeypatch: pytest.MonkeyPatch) -> None:
     assert cluster.setup_dist_env(environ) == DistEnv(3, 1, 4, "launcher", "127.0.0.9", 20000 + 12345)
 
 
+def test_device_index() -> None:
+    env = DistEnv(rank=13, local_rank=5, world_size=16, source="slurm")
+    assert env.device_index(8) == 5  # all GPUs of the node visible
+    assert env.device_index(1) == 0  # one GPU bound per task
+    assert env.device_index(0) == 0
+
+
 def test_bad_integer_is_named() -> None:
     with pytest.raises(ValueError, match="SLURM_PROCID"):
         cluster.resolve_dist_env({**SLURM_TASK, "SLURM_PROCID": "x"}, node_addr=lambda h: "a")

@@ -30,9 +30,8 @@ SIZE = 16
 
 @pytest.fixture(autouse=True)
 def _hf_cache(tmp_path, monkeypatch):
-    """Keep datasets' Arrow cache in tmp and skip its 5 s sleep at the end of threaded parquet streams."""
+    """Keep datasets' Arrow cache in tmp."""
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
-    monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0)
 
 
 def encode(i: int, fmt: str = "JPEG") -> bytes:
@@ -368,3 +367,24 @@ def test_checkpoint_after_the_last_batch_resumes_like_the_trainer():
     resumed.set_epoch(1)
     got = [b["ids"].tolist() for b in resumed]
     assert got == [b["ids"].tolist() for b in expected]
+
+
+def test_gpu_decode_loader_path_with_a_cpu_device(tmp_path, monkeypatch):
+    """The whole data.gpu_decode path, with torchvision's CPU decoder standing in for nvjpeg."""
+    root = tmp_path / "imgs" / "only"
+    root.mkdir(parents=True)
+    for i in range(5):
+        (root / f"{i}.jpg").write_bytes(encode(0))  # red JPEGs: deferred to the device decoder
+    (root / "5.png").write_bytes(encode(0, "PNG"))  # not a JPEG: decoded in the worker
+    (root / "6.jpg").write_bytes(encode(0)[:200])  # header parses, decoding fails on the "device" and in PIL
+    (root / "7.jpg").write_bytes(b"garbage")  # fails in the worker already
+    cfg = make_cfg(f"folder:{tmp_path / 'imgs'}", batch_size=4, gpu_decode=True, max_bad_fraction=0.5)
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.cuda, "is_available", lambda: True)
+        loader = build_loader(cfg, img_size=SIZE, cache_dir=tmp_path / "cache")
+    loader._pin = False
+    loader._decoder = JpegDecoder("cpu", SIZE)
+    batches = list(loader)
+    assert len(batches) == 2 and loader.bad_samples == 2
+    for b in batches:
+        assert b["images"].shape == (4, 3, SIZE, SIZE) and dominant(b["images"]) == [0, 0, 0, 0]

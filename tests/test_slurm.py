@@ -145,6 +145,20 @@ def test_deepspeed_launcher_variant_preemption(slurm: SlurmCluster, tmp_path: Pa
     assert (job.run_dir / "checkpoints" / f"step_{max_steps:08d}").is_dir(), job.report()
 
 
+def test_scancel_stays_cancelled(slurm: SlurmCluster, tmp_path: Path) -> None:
+    """scancel sends SIGTERM to the batch shell and every task: no self-requeue, the job stays cancelled."""
+    job = Job(slurm, SRUN, tmp_path, ["run.max_steps=100000"])
+    job.wait_for_steps(2)
+    slurm.run("scancel", job.id)
+    deadline = time.monotonic() + 90
+    while "not requeueing" not in job.log() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    time.sleep(2)  # a requeue would show now
+    info = slurm.job(job.id)
+    assert "not requeueing" in job.log(), job.report()
+    assert info["JobState"] == "CANCELLED" and info["Restarts"] == "0", job.report()
+
+
 def test_dead_rank_fails_the_job_fast_and_is_named(slurm: SlurmCluster, tmp_path: Path) -> None:
     """SIGKILL one rank mid-run: the job fails within a bounded time and the log names the task and node."""
     job = Job(slurm, SRUN, tmp_path, ["run.max_steps=100000"])

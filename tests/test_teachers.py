@@ -224,9 +224,13 @@ def test_register_tokens_are_never_scored_and_are_left_out_of_keep_idx_and_relat
     assert P == 5
     images = _images(2, 64, seed=15)
     inputs, outputs = {}, {}
-    handles = [blk.register_forward_hook(lambda m, args, out, i=i: (inputs.__setitem__(i, args[0]),
-                                                                    outputs.__setitem__(i, out)))
-               for i, blk in enumerate(model.blocks)]
+
+    def record(i):
+        def hook(module, args, out):
+            inputs[i], outputs[i] = args[0], out
+        return hook
+
+    handles = [blk.register_forward_hook(record(i)) for i, blk in enumerate(model.blocks)]
     try:
         with torch.no_grad():
             model.forward_features(_normalise(images, IMAGENET_MEAN, IMAGENET_STD))  # timm's own forward
