@@ -162,6 +162,11 @@ def save(engine: Any, ckpt_dir: str | Path, step: int, client_state: dict[str, A
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         for stale in (tag_dir, universal_dir(tag_dir)):
             _remove_checkpoint(stale)
+        newer = [p.name for p in complete_checkpoints(ckpt_dir) if tag_step(p) > step]
+        if newer:
+            log.warning("checkpoints newer than step %d exist in %s (%s): this run was resumed from an older one, "
+                        "and --resume auto picks the newest step; delete them to continue from this run", step,
+                        ckpt_dir, ", ".join(newer))
     state = dict(client_state, universal_checkpoint_info={}, rng_states=_gather(rng_state()))
     _barrier()
     engine.save_checkpoint(str(ckpt_dir), tag=tag_dir.name, client_state=state, save_latest=False)

@@ -94,7 +94,7 @@ class DataConfig:
     crop_scale: tuple[float, float] = (0.2, 1.0)
     hflip: bool = True
     max_bad_fraction: float = 0.01  # abort when more than this fraction of samples cannot be decoded
-    shuffle_buffer: int = 10_000  # streaming shuffle buffer
+    shuffle_buffer: int = 1000  # streaming shuffle buffer (resume loses up to this many samples per reader)
     gpu_decode: bool = False
     cache_dir: str | None = None  # file-list cache for folder sources; None: <output_dir>/cache
 

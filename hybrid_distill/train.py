@@ -155,12 +155,9 @@ def restore(run: Run, resume: Path, universal: bool) -> None:
     client = checkpoint.load(run.engine, resume, load_universal=universal)
     run.step, run.epoch = client["step"], client["epoch"]
     states = client.get("loader_states") or []
-    if len(states) == run.env.world_size:
-        run.loader.load_state_dict(states[run.env.rank])
-        checkpoint.restore_rng_states(client)
-    else:
-        log.warning("resuming %d processes from a %d-process checkpoint: epoch %d restarts its read position",
-                    run.env.world_size, len(states), run.epoch)
+    if states:  # another world size: the loaders map rank 0's global position onto the new layout
+        run.loader.load_state_dict(states[run.env.rank] if len(states) == run.env.world_size else states[0])
+    checkpoint.restore_rng_states(client)  # False (fresh seeds) on another world size
     log.info("resumed from %s at step %d (epoch %d)", resume, run.step, run.epoch)
 
 

@@ -447,6 +447,15 @@ def test_official_mae_release_checkpoint_loads_ignoring_the_decoder(tmp_path):
     _assert_state_equal(loaded, sd)
 
 
+def test_mae_training_checkpoint_with_its_argparse_namespace_loads(tmp_path):
+    import argparse
+
+    sd = _random_state_dict(_timm_mae(), seed=22)
+    path = tmp_path / "checkpoint-799.pth"
+    torch.save({"model": sd, "optimizer": {}, "epoch": 799, "args": argparse.Namespace(lr=1.5e-4)}, path)
+    _assert_state_equal(_loaded(TeacherConfig(**{**MAE, "depth": 3}, weights=str(path))), sd)
+
+
 @pytest.mark.parametrize("fmt", ["pth", "wrapped", "ddp", "safetensors"])
 def test_timm_state_dict_checkpoints_load_bit_identically(tmp_path, fmt):
     sd = _random_state_dict(_timm_mae(), seed=22)
