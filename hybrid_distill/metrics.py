@@ -7,7 +7,8 @@ one wins in ``loss.png``.
 
 Console: on an interactive terminal a tqdm bar with the loss; otherwise (SLURM logs, pipes) one plain line
 per ``log`` call, e.g. ``step 120/5000 | loss 0.4321 | feat 0.3012 | rel 0.1309 | lr 1.20e-04 | 850 img/s``.
-Known keys get short labels (``LABELS``); any other key is printed as ``key value``.
+Known keys get short labels (``LABELS``), in that order; other keys follow as ``key value``, and ``time_*`` keys
+are gathered at the end as ``time(s) data 0.012 teachers 0.034 ...``.
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ LABELS: dict[str, tuple[str, str]] = {
     "lr": ("lr", "{:.2e}"),
     "grad_norm": ("gnorm", "{:.3f}"),
     "keep_ratio": ("keep", "{:.3f}"),
-    "images_per_sec": ("img/s", "{:.0f}"),
-    "images_per_sec_per_device": ("img/s/dev", "{:.0f}"),
+    "images_per_s": ("img/s", "{:.0f}"),
+    "images_per_s_per_device": ("img/s/dev", "{:.0f}"),
     "skipped_steps": ("skipped", "{:d}"),
 }
 PLOTTED = ("loss", "feature_loss", "relation_loss")
@@ -101,7 +102,12 @@ def format_line(step: int, total_steps: int, values: dict[str, Any]) -> str:
     for key, (label, spec) in LABELS.items():
         if key in values:
             parts.append(_labelled(label, _format(values[key], spec)))
-    parts += [f"{key} {_format(value, '{:.4g}')}" for key, value in values.items() if key not in LABELS]
+    parts += [f"{key} {_format(value, '{:.4g}')}" for key, value in values.items()
+              if key not in LABELS and not key.startswith("time_")]
+    times = [f"{key.removeprefix('time_')} {_format(value, '{:.3g}')}" for key, value in values.items()
+             if key.startswith("time_")]
+    if times:
+        parts.append("time(s) " + " ".join(times))
     return " | ".join(parts)
 
 

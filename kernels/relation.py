@@ -389,6 +389,8 @@ def plan_relation(
     block_m = max(16, triton.next_power_of_2(m)) if single else TUNING["ieee_block_m" if ieee else "block_m"]
     block_n = TUNING["block_n"] if max(block_ds, block_dt) <= 64 else TUNING["block_n_wide"]
     block_n = min(block_n, block_m, TUNING["ieee_block_n"] if ieee else block_n)
+    if single and block_n > 32 and triton.cdiv(m, 32) * 32 <= 0.9 * triton.cdiv(m, block_n) * block_n:
+        block_n = 32  # >= 10% less column padding (N' = 67: 96 instead of 128 columns)
     if not need_grad:
         mode = "forward"
     elif single:
@@ -405,44 +407,67 @@ def _precision(*dtypes: torch.dtype) -> str:
     return "tf32"
 
 
-def relation_kernel_configs(dtypes=(torch.float16, torch.bfloat16, torch.float32), dims=(16, 32, 64, 128)):
-    """Every constexpr combination the relation launcher ships (for ahead-of-time compile tests).
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_DIMS = (16, 32, 64, 128)  # the padded head dims (80 -> 128)
 
-    Per dtype and padded head dim: the single-block pass (N' <= 128, dq and dk stored), the atomic pass
-    (N' > 128), both deterministic two-pass launches, the forward-only pass; plus the small single blocks
-    (N' <= 16, 32, 64) and the L1 (beta = 0) and TF32 variants once.
+
+def all_relation_kernel_configs(dtypes=_DTYPES, dims=_DIMS, max_m: int = 1024) -> list[dict]:
+    """Every constexpr set :func:`plan_relation` produces for N' <= max_m (equal head dims, beta > 0).
 
     Returns:
         List of dicts with keys dtype, d (padded head dim), num_warps, constexprs.
     """
-    out = []
-
-    def add(dtype, d, m, mode, precision=None, is_l1=False):
-        prec = precision or _precision(dtype)
-        if mode == "single":
-            m = min(m, TUNING["ieee_single_block_max" if prec == "ieee" else "single_block_max"])
-        plan = plan_relation(m, d, d, mode == "two_pass", mode != "forward", prec)
-        for compute_loss, grad_a, grad_b, _ in plan.passes:
-            c = plan.constexprs(compute_loss, grad_a, grad_b, prec, is_l1)
-            if not any(o["dtype"] == dtype and o["constexprs"] == c for o in out):
-                out.append(dict(dtype=dtype, d=d, num_warps=plan.num_warps, constexprs=c))
-
+    seen, out = set(), []
     for dtype in dtypes:
+        prec = _precision(dtype)
         for d in dims:
-            add(dtype, d, 128, "single")
-            add(dtype, d, 200, "atomic")
-            add(dtype, d, 200, "two_pass")
-            add(dtype, d, 200, "forward")
-        for m in (16, 32, 64):
-            add(dtype, 64, m, "single")
-    if torch.float32 in dtypes:
-        add(torch.float32, 64, 128, "single", precision="tf32")
-        add(torch.float32, 64, 200, "atomic", precision="tf32")
-    add(dtypes[0], 64, 128, "single", is_l1=True)
+            for m in range(1, max_m + 1):
+                for deterministic, need_grad in ((False, False), (False, True), (True, True)):
+                    plan = plan_relation(m, d, d, deterministic, need_grad, prec)
+                    for compute_loss, grad_a, grad_b, _ in plan.passes:
+                        c = plan.constexprs(compute_loss, grad_a, grad_b, prec)
+                        key = (dtype, tuple(sorted(c.items())))
+                        if key not in seen:
+                            seen.add(key)
+                            out.append(dict(dtype=dtype, d=d, num_warps=plan.num_warps, constexprs=c))
     return out
 
 
-def gather_kernel_configs(dtypes=(torch.float16, torch.bfloat16, torch.float32), dims=(16, 32, 64, 128)):
+def _cover_keys(cfg: dict) -> tuple[tuple, tuple]:
+    """(pass key, tile key): what a config exercises besides its dtype and padded head dim."""
+    c = cfg["constexprs"]
+    base = (cfg["dtype"], c["BLOCK_DS"], c["BLOCK_DT"])
+    return base + (c["COMPUTE_LOSS"], c["GRAD_A"], c["GRAD_B"], c["PRECISION"]), base + (c["BLOCK_M"], c["BLOCK_N"])
+
+
+def relation_kernel_configs(dtypes=_DTYPES, dims=_DIMS) -> list[dict]:
+    """The relation-kernel configurations to compile ahead of time (tests): a pairwise cover of the shipped ones.
+
+    Every (dtype, padded head dim) is paired with every pass kind it can launch (forward-only, single-block,
+    atomic, both deterministic passes; that is deterministic on and off) and with every tile shape it can use,
+    in at least one compiled configuration; plus the L1 (beta = 0) and fp32-TF32 variants. The full set
+    (:func:`all_relation_kernel_configs`, ~130) takes minutes to compile on a CPU; the cover about half.
+    """
+    todo = all_relation_kernel_configs(dtypes, dims)
+    covered, out = set(), []
+    while True:  # greedy: take the config that covers the most uncovered keys
+        best = max(todo, key=lambda cfg: len(set(_cover_keys(cfg)) - covered), default=None)
+        if best is None or not set(_cover_keys(best)) - covered:
+            break
+        covered.update(_cover_keys(best))
+        out.append(best)
+    extra = []
+    if torch.float32 in dtypes:
+        for m in (128, 200):
+            plan = plan_relation(m, 64, 64, False, True, "tf32")
+            extra.append((torch.float32, plan, plan.constexprs(True, True, plan.passes[0][2], "tf32")))
+    plan = plan_relation(128, 64, 64, False, True)
+    extra.append((dtypes[0], plan, plan.constexprs(True, True, 2, _precision(dtypes[0]), is_l1=True)))
+    out += [dict(dtype=dt, d=64, num_warps=p.num_warps, constexprs=c) for dt, p, c in extra]
+    return out
+
+
+def gather_kernel_configs(dtypes=_DTYPES, dims=_DIMS) -> list[dict]:
     """Every constexpr combination of the gather kernel (see :func:`relation_kernel_configs`)."""
     out = []
     for dtype in dtypes:
@@ -575,16 +600,29 @@ def _setup_context(ctx, inputs, output):
     _, dq, dk = output
     ctx.save_for_backward(dq, dk)
     ctx.dtypes = (q_s.dtype, k_s.dtype)
+    ctx.used = False
     ctx.mark_non_differentiable(dq, dk)
 
 
+def _scaled(grad: torch.Tensor, g: torch.Tensor, dtype: torch.dtype, in_place: bool) -> torch.Tensor:
+    """grad·g in ``dtype``; in place (no new allocation) when the stored gradient already has that dtype."""
+    if in_place and grad.dtype == dtype:
+        return grad.mul_(g)
+    return (grad * g).to(dtype)
+
+
 def _backward(ctx, grad_loss, _grad_dq, _grad_dk):
+    """dL/dq_s = grad_output · dq (precomputed by the forward): the saved gradients are scaled in place."""
+    if ctx.used:
+        raise RuntimeError("hd_kernels::relation_loss supports one backward per forward (no retain_graph reuse)")
+    ctx.used = True
     dq, dk = ctx.saved_tensors
-    if dq.numel() == 0 and ctx.needs_input_grad[0] | ctx.needs_input_grad[1]:
-        raise RuntimeError("relation_loss was run without gradients (need_grad=False) but backward was called")
+    if dq.numel() == 0 and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
+        raise RuntimeError("relation_loss ran without gradients (grad mode off in forward) but backward was called")
     g = grad_loss.to(torch.float32)
-    grad_q = (dq * g).to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
-    grad_k = (dk * g).to(ctx.dtypes[1]) if ctx.needs_input_grad[1] else None
+    in_place = not torch.compiler.is_compiling()
+    grad_q = _scaled(dq, g, ctx.dtypes[0], in_place) if ctx.needs_input_grad[0] else None
+    grad_k = _scaled(dk, g, ctx.dtypes[1], in_place) if ctx.needs_input_grad[1] else None
     return grad_q, grad_k, None, None, None, None, None, None, None
 
 

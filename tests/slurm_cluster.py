@@ -132,11 +132,17 @@ class SlurmCluster:
     # -- start ---------------------------------------------------------------------------------------------------
 
     def start(self, timeout: float = 90) -> SlurmCluster:
-        """Install if needed, write configuration, start munged, slurmctld and the slurmds; wait for idle nodes."""
-        ensure_installed(self.root / "apt.log")
-        for sub in ("state", "spool", "log", "munge"):
-            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        """Install if needed, write configuration, start munged, slurmctld and the slurmds; wait for idle nodes.
+
+        Raises:
+            SlurmUnavailable: not root (slurmd must run as root to start jobs) or no apt-get to install SLURM.
+        """
         try:
+            if os.geteuid() != 0:
+                raise SlurmUnavailable("the test cluster needs root (slurmd starts job steps as root)")
+            for sub in ("state", "spool", "log", "munge"):
+                (self.root / sub).mkdir(parents=True, exist_ok=True)
+            ensure_installed(self.root / "log" / "apt.log")
             self._start_munge()
             ctld_port, *node_ports = _free_ports(1 + len(self.nodes))
             self.conf.write_text(self._slurm_conf(ctld_port, node_ports))

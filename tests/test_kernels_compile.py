@@ -97,3 +97,12 @@ def test_mixed_head_dims_and_int32_keep_compile():
     )  # fmt: skip
     compiled = _compile(relation.RELATION_KERNEL, c, ptr_types, plan.num_warps)
     _check_compiled(compiled, c, torch.bfloat16)
+
+
+def test_compiled_configs_cover_every_shipped_pass_and_tile():
+    """Each constexpr set the launcher can produce shares its pass kind and its tile shape (per dtype and padded
+    head dim) with a configuration compiled above."""
+    covered = {key for cfg in relation.relation_kernel_configs() for key in relation._cover_keys(cfg)}
+    for cfg in relation.all_relation_kernel_configs():
+        missing = set(relation._cover_keys(cfg)) - covered
+        assert not missing, (cfg, missing)

@@ -12,7 +12,8 @@ from hybrid_distill.config import RunConfig
 from hybrid_distill.metrics import LOGGER_NAME, MetricsLogger, format_line, read_metrics, setup_logging
 
 VALUES = {"epoch": 0.5, "loss": 0.43214, "feature_loss": 0.3, "relation_loss": 0.13214, "lr": 1.2e-4,
-          "grad_norm": 1.5, "keep_ratio": 0.34, "images_per_sec": 850.4, "skipped_steps": 0, "time_data": 0.0123}
+          "grad_norm": 1.5, "keep_ratio": 0.34, "images_per_s": 850.4, "skipped_steps": 0, "time_data": 0.0123,
+          "world_size": 2, "time_student": 0.25}
 
 
 @pytest.fixture(autouse=True)
@@ -33,7 +34,7 @@ class _Tty(io.StringIO):
 def test_format_line():
     line = format_line(120, 5000, VALUES)
     assert line == ("step 120/5000 | ep 0.50 | loss 0.4321 | feat 0.3000 | rel 0.1321 | lr 1.20e-04 | gnorm 1.500 | "
-                    "keep 0.340 | 850 img/s | skipped 0 | time_data 0.0123")
+                    "keep 0.340 | 850 img/s | skipped 0 | world_size 2 | time(s) data 0.0123 student 0.25")
     assert format_line(1, 2, {"loss": float("nan")}) == "step 1/2 | loss nan"
 
 

@@ -117,7 +117,7 @@ def test_srun_two_nodes_zero2(slurm: SlurmCluster, tmp_path: Path) -> None:
 
 def test_srun_preemption_requeue_resume(slurm: SlurmCluster, tmp_path: Path) -> None:
     """SIGUSR1 to the job steps' tasks (--signal=USR1@T): checkpoint, exit 75, requeue, resume, finish."""
-    max_steps = 24
+    max_steps = 40
     job = Job(slurm, SRUN, tmp_path, [f"run.max_steps={max_steps}", "run.ckpt_every=1000"])
     job.wait_for_steps(2)
     job.preempt_and_resume(batch=False)
@@ -134,7 +134,7 @@ def test_srun_preemption_requeue_resume(slurm: SlurmCluster, tmp_path: Path) -> 
 def test_deepspeed_launcher_variant_preemption(slurm: SlurmCluster, tmp_path: Path) -> None:
     """The per-node deepspeed launcher: SIGUSR1 to the batch shell only (--signal=B:USR1@T) becomes a stop file;
     the run checkpoints, is requeued, resumes and completes."""
-    max_steps = 24
+    max_steps = 40
     job = Job(slurm, DEEPSPEED, tmp_path, [f"run.max_steps={max_steps}", "run.ckpt_every=1000"])
     job.wait_for_steps(2)
     job.preempt_and_resume(batch=True)

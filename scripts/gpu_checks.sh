@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# All GPU checks of the relation kernels in one call (issue 4), for a machine with a CUDA GPU.
+#
+#   scripts/gpu_checks.sh [OUT_DIR]        (default: $OUT, else runs/gpu_checks)
+#   GPU_CHECKS_QUICK=1 scripts/gpu_checks.sh   # benchmark keep 100%/34% only
+#
+# Runs from the repository root, needs torch + triton + pytest only (no deepspeed/open_clip), and fits in
+# ten minutes: (1) device and versions, (2) the GPU kernel tests in bf16/fp16/fp32 on the compiled kernels
+# (tests/test_kernels_gpu.py, marked `gpu`), (3) the CPU kernel tests (interpreter, Hopper AOT compile,
+# reference, dispatch) on the same Triton version, (4) `python -m kernels.bench` at B=128. Writes to OUT_DIR:
+# env.txt, tests_gpu.{txt,xml}, tests_cpu.{txt,xml}, bench.{txt,json} and results.md (the summary table).
+# Exit status: non-zero if any step failed (every step still runs).
+set -u -o pipefail
+cd "$(dirname "$0")/.."
+out="${1:-${OUT:-runs/gpu_checks}}"
+mkdir -p "$out"
+status=0
+pytest_args=(-q -p no:cacheprovider --noconftest -o addopts="" -rfEs)
+
+step() {  # step NAME TIMEOUT_S LOG CMD...   (output to the terminal and to LOG)
+    local name=$1 limit=$2 log=$3
+    shift 3
+    echo "== $name (limit ${limit}s): $*"
+    local t0=$SECONDS
+    timeout --signal=TERM "$limit" "$@" 2>&1 | tee "$log"
+    local rc=${PIPESTATUS[0]}
+    echo "== $name: rc=$rc in $((SECONDS - t0))s" | tee -a "$log"
+    [ "$rc" -eq 0 ] || status=1
+    return 0
+}
+
+{
+    date -u +"%Y-%m-%dT%H:%M:%SZ"
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 || true
+    python - <<'EOF'
+import platform, torch
+try:
+    import triton
+    tv = triton.__version__
+except ImportError:
+    tv = None
+print(f"python {platform.python_version()}  torch {torch.__version__}  triton {tv}  cuda {torch.version.cuda}")
+print("device:", torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device")
+EOF
+} > "$out/env.txt" 2>&1
+cat "$out/env.txt"
+
+step "GPU kernel tests" 240 "$out/tests_gpu.txt" python -m pytest "${pytest_args[@]}" -m gpu \
+    tests/test_kernels_gpu.py --junitxml="$out/tests_gpu.xml"
+step "CPU kernel tests" 150 "$out/tests_cpu.txt" python -m pytest "${pytest_args[@]}" \
+    tests/test_kernels_interpret.py tests/test_kernels_reference.py tests/test_kernels_compile.py \
+    --junitxml="$out/tests_cpu.xml"
+bench_args=(--out "$out/bench.json")
+[ "${GPU_CHECKS_QUICK:-0}" = 1 ] && bench_args+=(--quick)
+step "benchmark" 300 "$out/bench.txt" python -m kernels.bench "${bench_args[@]}"
+
+python - "$out" <<'EOF' || status=1
+import json, sys, xml.etree.ElementTree as ET
+from pathlib import Path
+
+out = Path(sys.argv[1])
+lines = ["# Relation kernel GPU checks", "", "```", (out / "env.txt").read_text().strip(), "```", "",
+         "| tests | passed | failed | errors | skipped | seconds |", "|---|---|---|---|---|---|"]
+for name in ("tests_gpu", "tests_cpu"):
+    path = out / f"{name}.xml"
+    if not path.exists():
+        lines.append(f"| {name} | - | - | - | - | (no report: timed out or crashed) |")
+        continue
+    root = ET.parse(path).getroot()
+    s = root if root.tag == "testsuite" else root.find("testsuite")
+    n, f, e, k = (int(s.get(a, 0)) for a in ("tests", "failures", "errors", "skipped"))
+    lines.append(f"| {name} | {n - f - e - k} | {f} | {e} | {k} | {float(s.get('time', 0)):.0f} |")
+bench = out / "bench.json"
+if bench.exists():
+    from kernels.bench import table
+
+    r = json.loads(bench.read_text())
+    c = r["ceilings"]
+    lines += ["", f"Benchmark: `{r['command']}` on {r['device']}, {r['date']}, torch {r['torch']}, triton {r['triton']}.",
+              f"Ceilings measured in the same run: copy {c['copy_gbps'] or 0:.0f} GB/s, "
+              f"bf16 matmul {c['bf16_tflops'] or 0:.0f} TFLOP/s. FLOPs: {r['flop_model']}.", "",
+              table(r["rows"], ["eager", "compile", "triton", "triton_det"])]
+else:
+    lines += ["", "Benchmark: no bench.json (timed out or failed; see bench.txt)."]
+(out / "results.md").write_text("\n".join(lines) + "\n")
+print("\n".join(lines))
+EOF
+echo "results in $out (status $status)"
+exit $status
