@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from hybrid_distill import checkpoint, cluster, engine, metrics
 from hybrid_distill.config import Config, ConfigError, load_config, save_config, to_dict
@@ -45,7 +46,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--output-dir", "--output_dir", dest="output_dir", default=None, help="run directory")
     p.add_argument("--resume", default="auto", help="auto (newest complete checkpoint), none, or a checkpoint path")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.base_lr=3e-4 run.max_steps=100")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # options and key=value overrides in any order
 
 
 def resolve_config(args: argparse.Namespace) -> Config:
@@ -99,9 +100,11 @@ class Run:
 
 
 def pick_device(env: cluster.DistEnv) -> torch.device:
+    """This rank's GPU (``local_rank``, or modulo the visible count where the site binds GPUs per task), else CPU."""
     if torch.cuda.is_available():
-        torch.cuda.set_device(env.local_rank)
-        return torch.device("cuda", env.local_rank)
+        index = env.device_index(torch.cuda.device_count())
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
     return torch.device("cpu")
 
 
@@ -122,9 +125,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_run(cfg: Config, args: argparse.Namespace, env: cluster.DistEnv) -> tuple[Run, Path | None, bool]:
+def build_run(cfg: Config, args: argparse.Namespace, env: cluster.DistEnv, device: torch.device
+              ) -> tuple[Run, Path | None, bool]:
     """Teachers, data, engine; the checkpoint to resume from (or None) and whether it is a universal one."""
-    device = pick_device(env)
     run_dir = Path(cfg.run.output_dir)
     seed_everything(cfg.run.seed)  # identical student init on every rank
     task = HybridDistillTask(cfg)
@@ -174,8 +177,6 @@ def save(run: Run) -> None:
 
 
 def all_gather_objects(obj: object) -> list:
-    import torch.distributed as dist
-
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
@@ -201,8 +202,6 @@ def sync(device: torch.device) -> float:
 
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True on every rank when ``flag`` is true on any rank (keeps collectives in step)."""
-    import torch.distributed as dist
-
     t = torch.tensor([float(flag)], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
@@ -246,8 +245,6 @@ def train_step(run: Run, data, timed: bool) -> dict[str, float]:
 
 def step_metrics(run: Run, sums: dict[str, float], dt: float, images: int) -> dict[str, float]:
     """The logged line: loss terms averaged over ranks, lr, grad norm, throughput, time split."""
-    import torch.distributed as dist
-
     keys = sorted(sums)
     t = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=run.device)
     dist.all_reduce(t)
@@ -320,19 +317,20 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     env = cluster.setup_dist_env()
     run_dir = Path(cfg.run.output_dir)
+    stop = cluster.StopRequest(stop_file=run_dir / "STOP").install()  # a signal during start-up is not fatal
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
     metrics.setup_logging(run_dir, env.is_main)
-    init_distributed(pick_device(env))
+    device = pick_device(env)
+    init_distributed(device)
     try:
-        run, resume, universal = build_run(cfg, args, env)
+        run, resume, universal = build_run(cfg, args, env, device)
     except (ConfigError, CheckpointError, checkpoint.CheckpointError, FileNotFoundError, ValueError) as e:
         log.error("error: %s", e)
         return EXIT_BAD_INPUT
     if resume is not None:
         restore(run, resume, universal)
-    stop = cluster.StopRequest(stop_file=run_dir / "STOP").install()
     logger = metrics.MetricsLogger(run_dir, cfg.run, env.is_main, run.total_steps, config=to_dict(cfg),
                                    initial_step=run.step)
     log.info("%s | %d steps (%d per epoch), accumulation %d, world size %d", env.describe(), run.total_steps,
@@ -343,4 +341,5 @@ def main(argv: list[str] | None = None) -> int:
         logger.close()
     if code == 0:
         finish(run)
+    dist.barrier()  # no rank exits (and trips srun --kill-on-bad-exit) while rank 0 still writes
     return code

@@ -21,8 +21,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -69,18 +69,19 @@ def make_inputs(b: int, h: int, n: int, m: int, d: int, dtype: torch.dtype, devi
 
 
 def timeit(fn: Callable[[], object], cuda: bool, grads: list[torch.Tensor]) -> float:
-    """Median milliseconds of fn (do_bench on GPU; wall clock on CPU)."""
+    """Milliseconds per call of fn: do_bench median on GPU; on CPU the minimum of 5 wall-clock runs (a shared CPU
+    makes the median mostly measure other processes)."""
     if cuda:
         import triton.testing
 
         return float(triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=grads, return_mode="median"))
     fn()  # warm-up
     times = []
-    for _ in range(3):
+    for _ in range(5):
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return min(times)
 
 
 def peak_extra_mb(fn: Callable[[], object], cuda: bool) -> float | None:
@@ -187,7 +188,7 @@ def table(rows: list[dict], impls: list[str]) -> str:
                 continue
             lines.append(
                 f"| {row['name']} | {row['B']} | {row['Nk']} | {name} | {_fmt(r['fwd_ms'])} | {_fmt(r['fwd_bwd_ms'])} "
-                f"| {_fmt(r['peak_extra_mib'], '.0f')} | {_fmt(r['gbps'], '.0f')} | {_fmt(r['tflops'], '.3g')} "
+                f"| {_fmt(r['peak_extra_mib'], '.0f')} | {_fmt(r['gbps'])} | {_fmt(r['tflops'])} "
                 f"| {row.get('bound', '-')} | {_fmt(r.get('pct_of_floor'), '.0f')} |"
             )
     return "\n".join(lines)
@@ -200,31 +201,71 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     ap.add_argument("--quick", action="store_true", help="keep 100%% and 34%% only")
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile(reference)")
+    ap.add_argument(
+        "--tuning",
+        nargs="*",
+        default=[],
+        metavar="KEY=INT",
+        help="override kernels.relation.TUNING entries (tile sizes) for this run",
+    )
     args = ap.parse_args(argv)
+    tuning = _apply_tuning(args.tuning)
     cuda = torch.cuda.is_available()
     batch = args.batch or (128 if cuda else 2)
-    device = torch.cuda.get_device_name() if cuda else f"CPU ({platform.processor() or platform.machine()})"
+    device = torch.cuda.get_device_name() if cuda else _cpu_name()
     if not cuda:
         print("No CUDA device: timing the eager PyTorch reference only, small batch (no Triton, no GPU numbers).")
     ceil = device_ceilings(cuda)
     impls = implementations(cuda, not args.no_compile)
-    rows = []
-    for p in shapes(args.quick, cuda):
-        rows.append(bench_point(p, batch, DTYPES[args.dtype], cuda, impls, ceil))
-        print(f"  done: {p['name']}", file=sys.stderr, flush=True)
     result = dict(
         date=datetime.date.today().isoformat(), command="python -m kernels.bench " + " ".join(argv or sys.argv[1:]),
         device=device, cuda=cuda, torch=torch.__version__, triton=_triton_version(), threads=torch.get_num_threads(),
-        ceilings=ceil, flop_model="8*N'^2*d per (b, h), forward+backward", rows=rows,
+        load_avg=os.getloadavg()[0], timing="do_bench median" if cuda else "min of 5 wall-clock runs", tuning=tuning,
+        ceilings=ceil, flop_model="8*N'^2*d per (b, h), forward+backward", complete=False, rows=[],
     )  # fmt: skip
+    for p in shapes(args.quick, cuda):
+        result["rows"].append(bench_point(p, batch, DTYPES[args.dtype], cuda, impls, ceil))
+        print(f"  done: {p['name']}", file=sys.stderr, flush=True)
+        _write(args.out, result)  # partial results survive a time limit
+    result["complete"] = True
+    _write(args.out, result)
+    rows = result["rows"]
     print(f"device: {device}  torch {torch.__version__}  triton {result['triton']}  {result['date']}")
     if cuda:
         print(f"ceilings: copy {ceil['copy_gbps']:.0f} GB/s, bf16 matmul {ceil['bf16_tflops']:.0f} TFLOP/s")
     print(table(rows, list(impls)))
-    if args.out:
-        with open(args.out, "w", encoding="utf-8") as fh:
-            json.dump(result, fh, indent=2)
     return result
+
+
+def _write(path: str | None, result: dict) -> None:
+    if path:
+        with open(path, "w", encoding="utf-8") as fh:
+            json.dump(result, fh, indent=2)
+
+
+def _apply_tuning(items: list[str]) -> dict | None:
+    """Apply KEY=INT overrides to kernels.relation.TUNING; returns the table in use (None without Triton)."""
+    try:
+        from kernels import relation
+    except ImportError:
+        if items:
+            raise SystemExit("--tuning needs triton") from None
+        return None
+    for item in items:
+        key, _, value = item.partition("=")
+        if key not in relation.TUNING or not value.isdigit():
+            raise SystemExit(f"--tuning {item!r}: expected KEY=INT with KEY in {sorted(relation.TUNING)}")
+        relation.TUNING[key] = int(value)
+    return dict(relation.TUNING)
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            model = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or platform.machine()
+    return f"CPU: {model}, {torch.get_num_threads()} threads"
 
 
 def _triton_version() -> str | None:

@@ -15,18 +15,22 @@ Algorithm (flash-attention-like, no softmax). For one (b, h), a block of rows i 
 
 The smooth-L1 gradient of a tile depends only on that tile, so the forward also produces dq_s and dk_s
 and the backward only multiplies them by grad_output. No N'×N' (or N×N) tensor is ever allocated: the
-extra memory is the two gradients, a (B·H·row-blocks,) vector of partial losses and, in the default
-(atomic) mode, an fp32 dk accumulator when inputs are not fp32.
+extra memory is the two gradients, a (B·H·row-blocks,) vector of partial losses and, in the atomic plan,
+an fp32 dk accumulator.
 
-FLOPs: 8·N'²·d per (b, h) for forward+backward (S, T, dq_s, dk_s). Deterministic mode recomputes S and T
-in a second pass over column blocks (dk_s without atomics): 12·N'²·d.
+FLOPs (the ``kernels`` ops note): 8·N'²·d per (b, h) for forward+backward (S, T, dq_s, dk_s); the
+deterministic two-pass plan recomputes S and T in its second pass: 12·N'²·d.
 
-Modes:
-    * default: one launch, grid (B·H·row-blocks,); dq_s written by the owning program, dk_s by fp32
-      ``tl.atomic_add`` (order of additions varies run to run: not bit-reproducible).
-    * deterministic: the same kernel launched twice, the second time with the roles of q and k swapped
-      (S_ijᵀ = k_s[j]·q_s[i], so "dq" of the swapped problem is dk_s); no atomics, partial losses summed
-      in a fixed order: bit-identical run to run.
+Plans (:func:`plan_relation`; grid = B·H·row-blocks programs, one launch unless noted):
+    * ``single`` (N' <= 128; fp32-IEEE <= 32): one program per (b, h) owns every row, so each column
+      block's dk_s is complete when computed and is stored directly: no atomics, deterministic.
+    * ``atomic`` (N' > 128, default): dq_s written by the owning program, dk_s by fp32 ``tl.atomic_add``
+      (order of additions varies run to run: not bit-reproducible), then cast to the gradient dtype.
+    * ``two_pass`` (N' > 128, deterministic): the same kernel launched twice, the second time with the roles
+      of q and k swapped (S_ijᵀ = k_s[j]·q_s[i], so "dq" of the swapped problem is dk_s); no atomics.
+    * ``forward`` (no gradient wanted): S, T and the loss only.
+    Partial losses are summed in a fixed order (float64), so every plan but ``atomic`` is bit-identical
+    run to run.
 
 Numerics: fp32 accumulation; fp16/bf16 operands go to the tensor cores, G is rounded to the input dtype
 before the G·k and Gᵀ·q products (as flash-attention does with P); fp32 inputs use IEEE fp32 dots unless
@@ -58,7 +62,10 @@ __all__ = [
     "relation_loss_triton",
     "gather_relations_triton",
     "interpret_mode",
+    "plan_relation",
+    "TUNING",
     "relation_kernel_configs",
+    "all_relation_kernel_configs",
     "gather_kernel_configs",
     "RELATION_KERNEL",
     "GATHER_KERNEL",
@@ -326,7 +333,7 @@ def _kernel(fn, interpret: bool):
     return triton.JITFunction(fn)
 
 
-# Tile sizes, in one place so a GPU session can tune them (the benchmark reads them too).
+# Tile sizes, in one place so a GPU session can tune them (``python -m kernels.bench --tuning key=value``).
 TUNING = dict(
     single_block_max=128,  # N' up to this: one program per (b, h) owns all rows -> dk stored, no atomics
     block_m=64,  # row block when N' > single_block_max

@@ -87,16 +87,20 @@ def test_gather_kernel_compiles_for_hopper(cfg):
     _check_compiled(compiled, cfg["constexprs"], dtype)
 
 
-def test_mixed_head_dims_and_int32_keep_compile():
-    """Student and teacher head dims may differ (scale=1.0 with pre-scaled q); keep_idx may be int32."""
-    plan = relation.plan_relation(67, 64, 80, deterministic=False, need_grad=True)
-    c = plan.constexprs(True, True, 2, "tf32")
+@pytest.mark.parametrize("student,teacher", [("bf16", "fp16"), ("fp32", "bf16")])
+def test_mixed_dtypes_head_dims_and_int32_keep_compile(student, teacher):
+    """Student and teacher may differ in head dim (scale=1.0, pre-scaled q) and dtype; keep_idx may be int32."""
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    precision = relation._precision(dtypes[student], dtypes[teacher])
+    plan = relation.plan_relation(67, 64, 80, False, True, precision)
+    c = plan.constexprs(True, True, plan.passes[0][2], precision)
+    grad = _TY[relation._grad_dtype(dtypes[student])]
     ptr_types = dict(
-        a_s_ptr="*bf16", b_s_ptr="*bf16", a_t_ptr="*fp16", b_t_ptr="*fp16", keep_ptr="*i32",
-        grad_a_ptr="*bf16", grad_b_ptr="*bf16", loss_ptr="*fp32",
+        a_s_ptr=f"*{student}", b_s_ptr=f"*{student}", a_t_ptr=f"*{teacher}", b_t_ptr=f"*{teacher}", keep_ptr="*i32",
+        grad_a_ptr=grad, grad_b_ptr="*fp32" if c["GRAD_B"] == 1 else grad, loss_ptr="*fp32",
     )  # fmt: skip
     compiled = _compile(relation.RELATION_KERNEL, c, ptr_types, plan.num_warps)
-    _check_compiled(compiled, c, torch.bfloat16)
+    _check_compiled(compiled, c, dtypes[student])
 
 
 def test_compiled_configs_cover_every_shipped_pass_and_tile():

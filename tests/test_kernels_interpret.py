@@ -122,11 +122,13 @@ def test_relation_loss_matches_float64_reference(case, deterministic):
         assert rel_err(g, r) < tol["grad"], f"{name}: {rel_err(g, r):.2e}"
 
 
-@pytest.mark.parametrize("beta", [0.0, 1.0])
-def test_mixed_head_dims_noncontiguous_int32_keep(beta):
-    """d_s != d_t with scale=1.0 (pre-scaled q), strided inputs (no copies), int32 keep_idx, beta=0 (L1)."""
+@pytest.mark.parametrize("beta,teacher_dtype", [(0.0, torch.float32), (1.0, torch.float16)])
+def test_mixed_head_dims_noncontiguous_int32_keep(beta, teacher_dtype):
+    """d_s != d_t with scale=1.0 (pre-scaled q), strided inputs (no copies), int32 keep_idx, beta=0 (L1), an fp16
+    teacher with an fp32 student."""
     b, h, n, m = 2, 3, 50, 21
     q_s, k_s, q_t, k_t, keep_idx = make_inputs(b, h, n, m, 48, torch.float32, seed=3, d_t=80, keep_dtype=torch.int32)
+    q_t, k_t = q_t.to(teacher_dtype), k_t.to(teacher_dtype)
     # Lay student/teacher out as (B, N, H, d) memory viewed as (B, H, N, d), like a qkv projection output.
     q_s, k_s, q_t, k_t = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q_s, k_s, q_t, k_t))
     q_s, q_t = q_s * 48**-0.5, q_t * 80**-0.5
