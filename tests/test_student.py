@@ -15,13 +15,7 @@ from hybrid_distill.student import DistillStudent, build_student
 CFG = StudentConfig(model="vit_small_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared CPU: one intra-op thread is much faster than two contended ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

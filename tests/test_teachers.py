@@ -29,13 +29,7 @@ TINY_CLIP = "hd-tiny-clip"  # open_clip: 64 px, /8, width 64, 4 heads of 16, dep
 TINY_CLIP14 = "hd-tiny-clip14"  # open_clip: 224 px, /14, width 32, 2 heads, depth 2
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared CPU: one intra-op thread is much faster than two contended ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module", autouse=True)
