@@ -547,11 +547,12 @@ def _launch_relation(q_s, k_s, q_t, k_t, keep_idx, beta, scale, deterministic, n
     else:
         dk = torch.empty(shape, device=q_s.device, dtype=gdtype)
     loss_part = torch.empty((bsz * heads * triton.cdiv(m, plan.block_m),), device=q_s.device, dtype=torch.float32)
+    stub = torch.empty(1, device=q_s.device, dtype=gdtype)  # forward plan: a valid, never written pointer
     with _device_ctx(q_s):
         for flags in plan.passes:
             swapped = flags[3]
             operands = (k_s, q_s, k_t, q_t) if swapped else (q_s, k_s, q_t, k_t)
-            outs = (dk, dq) if swapped else (dq, dk)
+            outs = (dk, dq) if swapped else ((dq, dk) if need_grad else (stub, stub))
             _launch_pass(plan, operands, keep_idx, outs, loss_part, beta, scale, inv_count, flags)
     loss = (loss_part.sum(dtype=torch.float64) * inv_count).to(torch.float32)
     return loss, dq, dk.to(gdtype)
