@@ -162,7 +162,7 @@ def nmi_per_image(attn: torch.Tensor) -> torch.Tensor:
     n = attn.shape[-1]
     p_k = attn.mean(-2)  # (B, H, N) marginal of keys: sum_q pi(k|q) / N
     # I(q, k) = sum_{q,k} p(q,k) log(p(q,k) / (p(q) p(k))) = 1/N sum_{q,k} pi log(pi / p(k)); 0 log 0 = 0.
-    info = (torch.xlogy(attn, attn) - torch.xlogy(attn, p_k.unsqueeze(-1))).sum((-2, -1)) / n  # (B, H)
+    info = (torch.xlogy(attn, attn) - torch.xlogy(attn, p_k.unsqueeze(-2))).sum((-2, -1)) / n  # (B, H)
     h_k = -torch.xlogy(p_k, p_k).sum(-1)  # (B, H)
     h_q = math.log(n)
     denom = torch.sqrt(h_k.clamp_min(0) * h_q)

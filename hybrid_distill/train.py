@@ -200,9 +200,9 @@ def sync(device: torch.device) -> float:
     return time.perf_counter()
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank when ``flag`` is true on any rank (keeps collectives in step)."""
-    t = torch.tensor([float(flag)], device=device)
+def any_rank(flag: torch.Tensor) -> bool:
+    """True on every rank when the boolean tensor ``flag`` is true on any rank (keeps collectives in step)."""
+    t = flag.float().reshape(1)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
 
@@ -210,13 +210,16 @@ def any_rank(flag: bool, device: torch.device) -> bool:
 def train_step(run: Run, data, timed: bool) -> dict[str, float]:
     """One optimizer step: ``accum`` finite micro-batches through teachers, student and backward.
 
+    Returns the loss terms averaged over the micro-batches and the time split, on ``timed`` (logging) steps only:
+    the device is synchronised only then.
+
     A micro-batch whose loss is non-finite on any rank is skipped by every rank (no backward), so the weights
     never see it; ``run.nonfinite`` counts them in a row.
     """
     eng, task, dev = run.engine, run.task, run.device
     engine.set_lr(eng, engine.lr_at(run.step, run.total_steps, run.warmup_steps, run.peak_lr, run.cfg.optim.min_lr))
-    sums: dict[str, float] = {}
-    done = 0
+    times = dict.fromkeys(("time_data", "time_teachers", "time_student", "time_optimizer"), 0.0)
+    total, keys, done = None, (), 0
     while done < run.accum:
         t0 = sync(dev) if timed else 0.0
         images = next(data)["images"].to(dev, non_blocking=True)
@@ -224,23 +227,24 @@ def train_step(run: Run, data, timed: bool) -> dict[str, float]:
         targets = task.targets(images)
         t2 = sync(dev) if timed else 0.0
         out = task.losses(images, targets, student=eng)
-        if any_rank(not torch.isfinite(out["loss"]).item(), dev):
+        if any_rank(~torch.isfinite(out["loss"].detach())):  # the one host sync per micro-batch
             run.nonfinite += 1
             log.warning("non-finite loss at step %d (%d in a row); micro-batch skipped", run.step, run.nonfinite)
             if run.nonfinite >= run.cfg.run.max_nonfinite:
-                return sums
+                return {}
             continue
         eng.backward(out["loss"])
         t3 = sync(dev) if timed else 0.0
         eng.step()
         t4 = sync(dev) if timed else 0.0
         run.nonfinite, done = 0, done + 1
-        for k, v in out.items():
-            sums[k] = sums.get(k, 0.0) + float(v.detach()) / run.accum
-        if timed:
-            for k, dt in (("data", t1 - t0), ("teachers", t2 - t1), ("student", t3 - t2), ("optimizer", t4 - t3)):
-                sums[f"time_{k}"] = sums.get(f"time_{k}", 0.0) + dt
-    return sums
+        keys, values = tuple(out), torch.stack([v.detach().float() for v in out.values()])
+        total = values if total is None else total + values
+        for k, dt in zip(times, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
+            times[k] += dt
+    if not timed:
+        return {}
+    return {**dict(zip(keys, (total / run.accum).tolist(), strict=True)), **times}
 
 
 def step_metrics(run: Run, sums: dict[str, float], dt: float, images: int) -> dict[str, float]:
