@@ -296,10 +296,24 @@ def targets_marked(task: HybridDistillTask, images: torch.Tensor, marks: Marks) 
 
 
 def student_autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast for the student on CUDA (what DeepSpeed's bf16 mode computes in); nothing on CPU."""
+    """bf16 autocast on CUDA (the student's matmuls in bf16, as under DeepSpeed's bf16 mode); nothing on CPU."""
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+class AutocastStudent(nn.Module):
+    """Runs ``task.trainable`` under bf16 autocast and nothing else: the loss stays outside autocast, as in the
+    trainer, where the DeepSpeed engine returns bf16 outputs and the loss upcasts them itself."""
+
+    def __init__(self, trainable: nn.Module, device: torch.device):
+        super().__init__()
+        self.trainable = trainable
+        self.device = device
+
+    def forward(self, images: torch.Tensor, keep_idx: torch.Tensor):
+        with student_autocast(self.device):
+            return self.trainable(images, keep_idx)
 
 
 def train_step(task: HybridDistillTask, images: torch.Tensor, opt: torch.optim.Optimizer, marks: Marks,
@@ -307,8 +321,7 @@ def train_step(task: HybridDistillTask, images: torch.Tensor, opt: torch.optim.O
     """One optimizer step; the student-forward mark comes from a hook on ``task.trainable``. Returns the loss."""
     marks.mark("start")
     targets = targets_marked(task, images, marks)
-    with student_autocast(device):
-        loss = task.losses(images, targets)["loss"]
+    loss = task.losses(images, targets, student=AutocastStudent(task.trainable, device))["loss"]
     marks.mark("loss_fwd")
     loss.backward()
     marks.mark("backward")
@@ -363,6 +376,8 @@ def loss_only_ms(task: HybridDistillTask, images: torch.Tensor, device: torch.de
     qk = [(q.detach().requires_grad_(), k.detach().requires_grad_()) for q, k in qk]
 
     def fwd_bwd() -> None:
+        for t in (pred, *(t_ for pair in qk for t_ in pair)):
+            t.grad = None
         feat = losses.feature_loss(pred, targets.features, targets.keep_idx, c.feature_beta)
         rel = losses.relation_loss(qk, targets.mim.qk, targets.mim.qk_index, c.relation_beta, c.head_reduce,
                                    c.relation_impl)
@@ -516,11 +531,41 @@ def table(runs: list[dict[str, Any]]) -> str:
                 continue
             p = v["parts_ms"]
             lines.append(
-                lead + f"| {v['n_kept']} | {v['images_per_s']:.1f} | {v['step_ms']:.1f} "
+                lead + f"| {v['n_kept']} | {v['images_per_s']:.4g} | {v['step_ms']:.1f} "
                 f"| {v['teachers_ms']:.1f} ({p['teacher_mim']:.1f}+{p['teacher_feature']:.1f}) "
                 f"| {p['student_fwd']:.1f} | {p['loss_fwd']:.1f} | {p['backward']:.1f} | {p['optimizer']:.1f} "
                 f"| {v['loss_fwd_bwd_ms']:.2f} | {fmt(v['peak_gib'])} | {v['tflops']:.3g} "
                 f"| {fmt(v['mfu'] and 100 * v['mfu'])}% |")
+    return "\n".join(lines)
+
+
+def summary(report: dict[str, Any]) -> str:
+    """One paragraph (command, device, date, versions, measured peak) and the table."""
+    peak = report["peak"]
+    partial = "" if report.get("complete") else " INCOMPLETE: some variants failed or were skipped (see the rows)."
+    head = (f"`{report['command']}` on {report['device']}, {report['date']}, torch {report['torch']}, "
+            f"timm {report['timm']}, triton {report['triton']}; {report['steps']} timed steps after "
+            f"{report['warmup']} warm-up, medians. Peak for MFU: {peak['what']} = {peak['tflops']:.4g} TFLOP/s. "
+            f"FLOPs: {report['flop_model']}.{partial}")
+    return head + "\n\n" + table(report["runs"])
+
+
+def flops_table(args: argparse.Namespace) -> str:
+    """Analytic GFLOP per image of every preset and variant (models built on the meta device where possible)."""
+    lines = ["| preset | variant | N' | MIM teacher | feature teacher | student fwd | student bwd | relation loss "
+             "| total GFLOP/image |", "|---|---|---|---|---|---|---|---|---|"]
+    for preset, batch in preset_batches(args):
+        cfg = bench_config(preset, batch, args.override, args.keep_open_clip)
+        try:
+            with torch.device("meta"):
+                task = HybridDistillTask(cfg)
+        except Exception:  # noqa: BLE001 - open_clip cannot build on meta: build on the CPU
+            task = HybridDistillTask(cfg)
+        for name in args.variants:
+            drop = float(VARIANTS[name]["masking.drop_ratio"])
+            f = step_flops(task, drop)
+            cells = " | ".join(f"{v / 1e9:.2f}" for v in f.values())
+            lines.append(f"| {preset} | {name} | {n_kept(task, drop)} | {cells} | {sum(f.values()) / 1e9:.1f} |")
     return "\n".join(lines)
 
 
@@ -577,6 +622,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cpu-small", action="store_true", help="tiny preset, batch 8, few steps, on the CPU in fp32")
     p.add_argument("--out", default=None, help="write the JSON report here (rewritten after every variant)")
     p.add_argument("--table", default=None, metavar="JSON", help="print the table of a saved report and exit")
+    p.add_argument("--flops-only", action="store_true", help="print the analytic FLOPs per image and exit")
     args = p.parse_args(argv)
     small = args.cpu_small
     args.preset = args.preset or ("tiny" if small else "vitl_in21k_clip_mae")
@@ -607,7 +653,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     if args.table:
-        print(table(json.loads(Path(args.table).read_text())["runs"]))
+        print(summary(json.loads(Path(args.table).read_text())))
+        return {}
+    if args.flops_only:
+        print(flops_table(args))
         return {}
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -630,7 +679,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report["complete"] = all("error" not in v for r in report["runs"] for v in r["variants"])
     report["seconds"] = time.perf_counter() - t_start
     write(out, report)
-    print(table(report["runs"]))
+    print(summary(report))
     return report
 
 

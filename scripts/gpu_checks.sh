@@ -96,5 +96,16 @@ else:
 (out / "results.md").write_text("\n".join(lines) + "\n")
 print("\n".join(lines))
 EOF
+# (5) Training throughput (benchmarks/train_throughput.py, docs/performance.md): one step without DeepSpeed for
+# the ViT-B (MAE-B + DeiT-B, B=128) and ViT-L (MAE-L + timm's CLIP-L/14, B=64) recipes, random weights, fast vs
+# naive. It starts no variant once its own budget is spent and rewrites train.json after each variant.
+train_limit=$(limit 150)
+step "training benchmark" "$train_limit" "$out/train.txt" python benchmarks/train_throughput.py \
+    --preset vitb_in1k_deit_mae,vitl_in21k_clip_mae --batch 128,64 --steps 10 --warmup 3 --variants fast,naive \
+    --time-budget $((train_limit > 70 ? train_limit - 50 : 20)) --out "$out/train.json"
+if [ -f "$out/train.json" ]; then
+    { printf '\n## Training throughput\n\n'; python benchmarks/train_throughput.py --table "$out/train.json"; } \
+        >> "$out/results.md" || status=1
+fi
 echo "results in $out (status $status)"
 exit $status
