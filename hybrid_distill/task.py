@@ -103,7 +103,7 @@ class HybridDistillTask(nn.Module):
         rel = losses.relation_loss(qk_s, targets.mim.qk, targets.mim.qk_index, c.relation_beta, c.head_reduce,
                                    c.relation_impl)
         n_patches = targets.features.shape[1] - 1
-        keep_ratio = torch.tensor((targets.keep_idx.shape[1] - 1) / n_patches, device=feat.device)
+        keep_ratio = torch.full((), (targets.keep_idx.shape[1] - 1) / n_patches, device=feat.device)  # no H2D copy
         return {"loss": feat + c.alpha * rel, "feature_loss": feat, "relation_loss": rel, "keep_ratio": keep_ratio}
 
     def forward(self, images: torch.Tensor, student: nn.Module | None = None) -> dict[str, torch.Tensor]:

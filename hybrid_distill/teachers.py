@@ -27,7 +27,7 @@ from torch import nn
 
 from hybrid_distill.config import ConfigError, TeacherConfig
 from hybrid_distill.masking import gather_tokens, keep_count, least_redundant, prefix_then
-from hybrid_distill.qk_capture import QK, attention_of, capture_qk, head_dims
+from hybrid_distill.qk_capture import QK, attention_of, capture_qk, head_dims, qk_from_input
 
 OPENAI_MEAN, OPENAI_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
@@ -58,6 +58,11 @@ class TimmBackbone(nn.Module):
 
     def final_norm(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.norm(x)
+
+    @staticmethod
+    def attn_input(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """What ``block``'s attention sees: its pre-norm of ``x``."""
+        return block.norm1(x)
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         head = self.model.head
@@ -93,6 +98,11 @@ class OpenClipBackbone(nn.Module):
 
     def final_norm(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.ln_post(x)
+
+    @staticmethod
+    def attn_input(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """What ``block``'s attention sees: its pre-norm of ``x``."""
+        return block.ln_1(x)
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.ln_post(x) @ self.model.proj
@@ -338,6 +348,9 @@ class Teacher(nn.Module):
             for i, block in enumerate(b.blocks[: last + 1]):
                 if i in relation_blocks:
                     seq_patches[i] = kept if prunes else torch.arange(P, x.shape[1], device=x.device).expand(B, -1)
+                if i == last and i not in mask_layers:  # only its q, k are needed: skip attention and MLP
+                    qk[i] = qk_from_input(attention_of(block), b.attn_input(block, x))
+                    break
                 x = block(x)
                 if i in mask_layers:
                     kept, x = self._mask_step(x, kept, drop_ratio, prunes)
