@@ -4,7 +4,7 @@ from setuptools import find_packages, setup
 
 setup(
     name="hybrid-distill",
-    version="0.1.0",
+    version="0.1.0",  # keep in step with hybrid_distill.__version__
     description="DeepSpeed-scaled trainer for Hybrid Distillation (MAE relations + CLIP/DeiT features)",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
