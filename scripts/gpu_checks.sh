@@ -5,11 +5,12 @@
 #   GPU_CHECKS_QUICK=1 scripts/gpu_checks.sh   # benchmark keep 100%/34% only
 #   GPU_CHECKS_BUDGET=560                       # seconds for all steps (default 560: fits a 10-minute call)
 #
-# Runs from the repository root, needs torch + triton + pytest only (no deepspeed/open_clip), and fits in
+# Runs from the repository root, needs torch + triton + timm + pytest only (no deepspeed/open_clip), and fits in
 # ten minutes: (1) device and versions, (2) the GPU kernel tests in bf16/fp16/fp32 on the compiled kernels
 # (tests/test_kernels_gpu.py, marked `gpu`), (3) `python -m kernels.bench` at B=128, (4) the CPU kernel tests
-# (interpreter, Hopper AOT compile, reference, dispatch) on that machine's Triton. Writes to OUT_DIR:
-# env.txt, tests_gpu.{txt,xml}, tests_cpu.{txt,xml}, bench.{txt,json} and results.md (the summary table).
+# (interpreter, Hopper AOT compile, reference, dispatch) on that machine's Triton, (5) the training throughput
+# benchmark. Writes to OUT_DIR four files (the device tool returns at most eight): results.md (the summary
+# tables), bench.json, train.json and logs.tar.gz (env.txt, every step's log and JUnit XML).
 # Exit status: non-zero if any step failed (every step still runs).
 set -u -o pipefail
 cd "$(dirname "$0")/.."
@@ -106,6 +107,12 @@ step "training benchmark" "$train_limit" "$out/train.txt" python benchmarks/trai
 if [ -f "$out/train.json" ]; then
     { printf '\n## Training throughput\n\n'; python benchmarks/train_throughput.py --table "$out/train.json"; } \
         >> "$out/results.md" || status=1
+fi
+# Bundle the logs: few files come back from the device machine.
+logs=()
+for f in "$out"/*.txt "$out"/*.xml; do [ -e "$f" ] && logs+=("$(basename "$f")"); done
+if [ "${#logs[@]}" -gt 0 ]; then
+    tar -czf "$out/logs.tar.gz" -C "$out" "${logs[@]}" && (cd "$out" && rm -f "${logs[@]}")
 fi
 echo "results in $out (status $status)"
 exit $status
