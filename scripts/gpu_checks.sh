@@ -13,7 +13,7 @@
 # tables), bench.json, train.json and logs.tar.gz (env.txt, every step's log and JUnit XML).
 # Exit status: non-zero if any step failed (every step still runs).
 set -u -o pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 out="${1:-${OUT:-runs/gpu_checks}}"
 mkdir -p "$out"
 status=0
