@@ -4,9 +4,13 @@ Relations (paper Eq. 2) are ``q k^T / sqrt(d_head)`` with the block's *own* proj
 pre-norm and after any q/k norm. We never materialise attention maps: a hook grabs ``q, k`` as
 ``(B, H, N, d)`` tensors while the block runs its fused (SDPA) attention unchanged.
 
-Supported attention modules: timm ``Attention`` (fused ``qkv`` linear, optional ``q_norm``/``k_norm``) and
-``nn.MultiheadAttention`` (open_clip's ``ResidualAttentionBlock``). For timm, the hook sits on the output of
-``qkv`` so no projection is computed twice (the student's gradients flow through it).
+Supported attention modules: timm ``Attention`` (fused ``qkv`` linear, optional ``q_norm``/``k_norm``),
+``nn.MultiheadAttention`` (open_clip's ``ResidualAttentionBlock``) and timm's RoPE attentions ``EvaAttention`` /
+``AttentionRope`` (EVA-01/02 and the other ``Eva`` models). For timm ``Attention``, the hook sits on the output of
+``qkv`` so no projection is computed twice (the student's gradients flow through it). For the other two a forward
+pre-hook recomputes q, k from the module's input (and, for RoPE attentions, its ``rope`` argument) exactly as the
+module does: for RoPE attentions that is after the q/k biases, ``q_norm``/``k_norm`` and the rotary embedding
+(applied to the patch tokens only), i.e. the q, k whose product the attention actually softmaxes.
 """
 
 from __future__ import annotations
@@ -16,9 +20,12 @@ from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
+from timm.layers import AttentionRope, apply_rot_embed_cat
+from timm.models.eva import EvaAttention
 from torch import nn
 
 QK = tuple[torch.Tensor, torch.Tensor]
+ROPE_ATTENTIONS = (EvaAttention, AttentionRope)
 
 
 def attention_of(block: nn.Module) -> nn.Module:
@@ -31,12 +38,12 @@ def attention_of(block: nn.Module) -> nn.Module:
 
 def head_dims(attn: nn.Module) -> tuple[int, int]:
     """(num_heads, head_dim) of a supported attention module."""
-    if isinstance(attn, nn.MultiheadAttention):
+    if isinstance(attn, (nn.MultiheadAttention, *ROPE_ATTENTIONS)):
         return attn.num_heads, attn.head_dim
     if hasattr(attn, "qkv") and hasattr(attn, "num_heads"):
         return attn.num_heads, attn.head_dim
-    raise TypeError(f"unsupported attention module {type(attn).__name__}: need timm Attention (fused qkv) "
-                    "or nn.MultiheadAttention")
+    raise TypeError(f"unsupported attention module {type(attn).__name__}: need timm Attention (fused qkv), "
+                    "timm EvaAttention/AttentionRope or nn.MultiheadAttention")
 
 
 def _split_timm_qkv(attn: nn.Module, qkv: torch.Tensor) -> QK:
@@ -55,8 +62,56 @@ def _mha_qk(attn: nn.MultiheadAttention, x: torch.Tensor) -> QK:
     return qk[0], qk[1]
 
 
-def qk_from_input(attn: nn.Module, x: torch.Tensor) -> QK:
-    """q, k ``(B, H, N, d)`` that ``attn`` computes from its (already normalised) input ``x`` ``(B, N, D)``."""
+def _fused_qk(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The q, k part ``(B, N, 2 A)`` of a fused ``qkv`` projection, with Eva's separate ``q_bias``/``k_bias``."""
+    A = attn.num_heads * attn.head_dim
+    weight = attn.qkv.weight[: 2 * A]
+    if getattr(attn, "q_bias", None) is not None:  # EvaAttention: bias-free qkv linear + (q_bias, k_bias=0, v_bias)
+        bias = torch.cat((attn.q_bias, attn.k_bias))
+        if getattr(attn, "qkv_bias_separate", False):
+            return F.linear(x, weight) + bias
+        return F.linear(x, weight, bias)
+    bias = attn.qkv.bias[: 2 * A] if attn.qkv.bias is not None else None
+    return F.linear(x, weight, bias)
+
+
+def _apply_rope(t: torch.Tensor, rope: torch.Tensor, num_prefix_tokens: int, half: bool) -> torch.Tensor:
+    """Rotate the patch tokens of ``t`` ``(B, H, N, d)`` by ``rope`` (sin|cos); prefix tokens stay as they are."""
+    P = num_prefix_tokens
+    return torch.cat([t[:, :, :P], apply_rot_embed_cat(t[:, :, P:], rope, half=half)], dim=2).type_as(t)
+
+
+def _rope_attention_qk(attn: nn.Module, x: torch.Tensor, rope: torch.Tensor | None = None) -> QK:
+    """q, k of a timm ``EvaAttention``/``AttentionRope``: projections (+ biases), q/k norm, RoPE, kv-head expansion."""
+    B, N, _ = x.shape
+    if attn.qkv is not None:
+        qk = _fused_qk(attn, x).reshape(B, N, 2, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = qk[0], qk[1]
+    else:
+        q = attn.q_proj(x).reshape(B, N, attn.num_heads, attn.head_dim).transpose(1, 2)
+        k = attn.k_proj(x).reshape(B, N, -1, attn.head_dim).transpose(1, 2)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    if rope is not None:
+        half = getattr(attn, "rotate_half", False)
+        q = _apply_rope(q, rope, attn.num_prefix_tokens, half)
+        k = _apply_rope(k, rope, attn.num_prefix_tokens, half)
+    if k.shape[1] != q.shape[1]:  # grouped-query attention: head h uses kv head h // groups (as AttentionRope)
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    return q, k
+
+
+def qk_from_input(attn: nn.Module, x: torch.Tensor, rope: torch.Tensor | None = None) -> QK:
+    """q, k ``(B, H, N, d)`` that ``attn`` computes from its (already normalised) input ``x`` ``(B, N, D)``.
+
+    Args:
+        attn: a supported attention module.
+        x: the attention's input (the block's pre-norm output for pre-norm blocks).
+        rope: the rotary embedding the block passes to a RoPE attention (``None`` for the others).
+    """
+    if isinstance(attn, ROPE_ATTENTIONS):
+        return _rope_attention_qk(attn, x, rope)
+    if rope is not None:
+        raise TypeError(f"{type(attn).__name__} does not take a rotary embedding")
     if isinstance(attn, nn.MultiheadAttention):
         return _mha_qk(attn, x)
     return _split_timm_qkv(attn, attn.qkv(x))
@@ -88,6 +143,12 @@ def _register(attn: nn.Module, index: int, store: dict[int, QK]) -> torch.utils.
             query = args[0] if args else kwargs["query"]
             store[index] = _mha_qk(module, query)
         return attn.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    if isinstance(attn, ROPE_ATTENTIONS):
+        def rope_pre_hook(module, args, kwargs):
+            x = args[0] if args else kwargs["x"]
+            rope = args[1] if len(args) > 1 else kwargs.get("rope")
+            store[index] = _rope_attention_qk(module, x, rope)
+        return attn.register_forward_pre_hook(rope_pre_hook, with_kwargs=True)
 
     def qkv_hook(module, args, output):
         store[index] = _split_timm_qkv(attn, output)

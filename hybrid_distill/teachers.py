@@ -1,7 +1,7 @@
 """Frozen teachers: any timm ViT or open_clip vision tower, in either role (DESIGN 1.1-1.5).
 
-A ``Teacher`` wraps one backbone behind a small uniform surface (embed, blocks, final norm, projection)
-so that one forward pass gives what its role needs:
+A ``Teacher`` wraps one backbone behind a small uniform surface (embed, run a block, q/k of a block, final
+norm, projection) so that one forward pass gives what its role needs:
 
 * MIM role (``mim_targets``): hidden states at the masking blocks -> ``keep_idx``; q, k at blocks
   ``L-3, L-2`` for the relation targets.
@@ -23,6 +23,7 @@ from pathlib import Path
 import timm
 import torch
 import torch.nn.functional as F
+from timm.models.eva import Eva, EvaBlockPostNorm
 from torch import nn
 
 from hybrid_distill.config import ConfigError, TeacherConfig
@@ -37,10 +38,44 @@ class CheckpointError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Backbone adapters: the same four operations for timm and open_clip towers
+# Backbone adapters: the same operations for timm and open_clip towers
 
 
-class TimmBackbone(nn.Module):
+class Backbone(nn.Module):
+    """Runs blocks one at a time: the part every adapter shares.
+
+    Subclasses set ``blocks`` and define ``embed``, ``attn_input``, ``final_norm`` and ``project``; those whose
+    blocks take extra arguments (RoPE) override ``block_kwargs``.
+    """
+
+    blocks: nn.ModuleList
+
+    @staticmethod
+    def attn_input(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """What ``block``'s attention sees for the block input ``x``."""
+        raise NotImplementedError
+
+    def block_kwargs(self, index: int, patch_pos: torch.Tensor | None = None) -> dict:
+        """Extra keyword arguments of block ``index`` (none for a plain ViT).
+
+        Args:
+            index: block index.
+            patch_pos: ``(B, n)`` original patch index (0-based, on the teacher's grid) of each patch token in the
+                block's input, when that input is a pruned sequence; ``None`` when it holds every patch in order.
+        """
+        return {}
+
+    def run_block(self, index: int, x: torch.Tensor, patch_pos: torch.Tensor | None = None) -> torch.Tensor:
+        """Output of block ``index`` for its input ``x`` ``(B, P + n, D)`` (see ``block_kwargs`` for ``patch_pos``)."""
+        return self.blocks[index](x, **self.block_kwargs(index, patch_pos))
+
+    def block_qk(self, index: int, x: torch.Tensor, patch_pos: torch.Tensor | None = None) -> QK:
+        """q, k ``(B, H, P + n, d)`` of block ``index`` for its input ``x`` without running its attention or MLP."""
+        block = self.blocks[index]
+        return qk_from_input(attention_of(block), self.attn_input(block, x), **self.block_kwargs(index, patch_pos))
+
+
+class TimmBackbone(Backbone):
     """A timm ViT (VisionTransformer family: MAE, DeiT, DINO, DINOv2, CLIP tower, ...)."""
 
     def __init__(self, model: nn.Module):
@@ -75,7 +110,58 @@ class TimmBackbone(nn.Module):
         return self.model.head.out_features
 
 
-class OpenClipBackbone(nn.Module):
+def gather_rope(rope: torch.Tensor, patch_pos: torch.Tensor) -> torch.Tensor:
+    """The rows of a rotary embedding for the patch tokens of a pruned sequence.
+
+    Args:
+        rope: ``(N, E)`` (shared by all heads) or ``(H, N, E)`` (per head), one row per patch of the full grid.
+        patch_pos: ``(B, n)`` patch index of each token of the pruned sequence.
+
+    Returns:
+        ``(B, 1, n, E)`` or ``(B, H, n, E)``: broadcasts against q, k ``(B, H, n, d)``.
+    """
+    if rope.ndim == 2:
+        return rope[patch_pos].unsqueeze(1)
+    if rope.ndim == 3:
+        return rope[:, patch_pos].transpose(0, 1)
+    raise ConfigError(f"cannot prune tokens for a rotary embedding of shape {tuple(rope.shape)}; "
+                      "set masking.teacher_prunes=false")
+
+
+class EvaBackbone(TimmBackbone):
+    """A timm ``Eva`` (EVA-01, EVA-02, and timm's other RoPE ViTs built on it): blocks take the rotary embedding.
+
+    ``embed`` keeps the rotary embedding of the current forward (``None`` for models without RoPE, e.g. EVA-01)
+    and every block gets it through ``block_kwargs``: its own slice for per-block ("mixed") RoPE, and only the
+    rows of the kept patches when the sequence was pruned, so each kept token keeps its own 2-D position.
+    """
+
+    def __init__(self, model: Eva):
+        super().__init__(model)
+        self._rope: torch.Tensor | None = None
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        x, self._rope = m._pos_embed(m.patch_embed(x))  # patch dropout is off in eval: rope covers every patch
+        return m.norm_pre(x)  # (B, P + N, D)
+
+    def block_kwargs(self, index: int, patch_pos: torch.Tensor | None = None) -> dict:
+        rope = self._rope
+        if rope is None:
+            return {}
+        if getattr(self.model, "rope_mixed", False):  # (depth, H, N, E): one embedding per block
+            rope = rope[index]
+        if patch_pos is not None:
+            rope = gather_rope(rope, patch_pos)
+        return {"rope": rope}
+
+    @staticmethod
+    def attn_input(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """What ``block``'s attention sees: its pre-norm of ``x`` (``x`` itself for post-norm blocks)."""
+        return x if isinstance(block, EvaBlockPostNorm) else block.norm1(x)
+
+
+class OpenClipBackbone(Backbone):
     """An open_clip ``VisionTransformer`` (``model.visual``)."""
 
     def __init__(self, visual: nn.Module):
@@ -209,7 +295,7 @@ def build_timm(cfg: TeacherConfig, img_size: int) -> TimmBackbone:
         _load_timm_file(model, Path(cfg.weights), cfg.model)
     if not hasattr(model, "blocks") or not hasattr(model, "patch_embed"):
         raise ConfigError(f"timm model {cfg.model!r} is not a ViT with `blocks` and `patch_embed`")
-    return TimmBackbone(model)
+    return EvaBackbone(model) if isinstance(model, Eva) else TimmBackbone(model)
 
 
 def build_open_clip(cfg: TeacherConfig, img_size: int) -> OpenClipBackbone:
@@ -280,7 +366,7 @@ class Teacher(nn.Module):
         grid_size: the student's patch grid (targets are delivered on it).
     """
 
-    def __init__(self, backbone: TimmBackbone | OpenClipBackbone, img_size: int, mean, std,
+    def __init__(self, backbone: Backbone, img_size: int, mean, std,
                  grid_size: tuple[int, int]):
         super().__init__()
         self.backbone = backbone
@@ -345,13 +431,14 @@ class Teacher(nn.Module):
         kept = torch.arange(P, x.shape[1], device=x.device).expand(B, -1)  # (B, n) kept patches, full-seq positions
         seq_patches = {}  # relation block -> full-seq positions of the patch tokens in its input
         with capture_qk(b.blocks, relation_blocks) as qk:
-            for i, block in enumerate(b.blocks[: last + 1]):
+            for i in range(last + 1):
+                patch_pos = kept - P if prunes else None  # pruned input: which patch each token is (for RoPE)
                 if i in relation_blocks:
                     seq_patches[i] = kept if prunes else torch.arange(P, x.shape[1], device=x.device).expand(B, -1)
                 if i == last and i not in mask_layers:  # only its q, k are needed: skip attention and MLP
-                    qk[i] = qk_from_input(attention_of(block), b.attn_input(block, x))
+                    qk[i] = b.block_qk(i, x, patch_pos)
                     break
-                x = block(x)
+                x = b.run_block(i, x, patch_pos)
                 if i in mask_layers:
                     kept, x = self._mask_step(x, kept, drop_ratio, prunes)
         keep_idx = prefix_then(kept - (P - 1), 1)  # on the student's grid: CLS at 0, patch j at 1 + j
@@ -393,8 +480,8 @@ class Teacher(nn.Module):
         if not b.has_class_token:
             raise ConfigError("the feature teacher needs a CLS token (the student's CLS is distilled from it)")
         x = b.embed(self.prepare(images))
-        for block in b.blocks:
-            x = block(x)
+        for i in range(len(b.blocks)):
+            x = b.run_block(i, x)
         if feature == "norm":
             x = b.final_norm(x)
         elif feature == "proj":
