@@ -239,14 +239,16 @@ def plot_losses(metrics_path: str | Path, out_path: str | Path) -> Path | None:
         return None
     from matplotlib.figure import Figure  # no pyplot: no global backend state, renders with Agg
 
-    fig = Figure(figsize=(7, 4), dpi=120)
-    ax = fig.subplots()
-    for key, points in series.items():
+    # One panel per term: the relation loss is orders of magnitude below the feature loss.
+    fig = Figure(figsize=(7, 2.2 * len(PLOTTED)), dpi=120)
+    axes = fig.subplots(len(PLOTTED), 1, sharex=True, squeeze=False)[:, 0]
+    for ax, (key, points) in zip(axes, series.items(), strict=True):
         if points:
-            ax.plot([x for x, _ in points], [y for _, y in points], label=key)
-    ax.set(xlabel="optimizer step", ylabel="loss", title="hybrid distillation")
-    ax.grid(alpha=0.3)
-    ax.legend()
+            ax.plot([x for x, _ in points], [y for _, y in points], color="C0")
+        ax.set(ylabel=key)
+        ax.grid(alpha=0.3)
+    axes[0].set_title("hybrid distillation")
+    axes[-1].set_xlabel("optimizer step")
     fig.tight_layout()
     fig.savefig(out_path)
     return Path(out_path)
