@@ -143,7 +143,8 @@ class MetricsLogger:
         is_main: only the main rank writes anything; other ranks' calls are no-ops.
         total_steps: optimizer steps in the run (progress bar length, ``step N/total``).
         config: optional full config dict, recorded as the W&B run config.
-        initial_step: where the progress bar starts (a resumed run's step).
+        initial_step: the step the run (re)starts from. Rows of ``metrics.jsonl`` and TensorBoard events after it
+            (logged by a job that died after its last checkpoint) are dropped: those steps are trained again.
     """
 
     def __init__(self, run_dir: str | Path, cfg: RunConfig, is_main: bool, total_steps: int,
@@ -154,18 +155,19 @@ class MetricsLogger:
         if not is_main:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        truncate_after(self.path, initial_step)
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
-        self._tb = self._open_tensorboard() if cfg.tensorboard else None
+        self._tb = self._open_tensorboard(initial_step) if cfg.tensorboard else None
         self._wandb = self._open_wandb(config) if cfg.wandb else None
         if sys.stderr.isatty():
             from tqdm import tqdm
 
             self._bar = tqdm(total=total_steps, initial=initial_step, dynamic_ncols=True, unit="step")
 
-    def _open_tensorboard(self) -> Any:
+    def _open_tensorboard(self, initial_step: int) -> Any:
         from torch.utils.tensorboard import SummaryWriter
 
-        return SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+        return SummaryWriter(log_dir=str(self.run_dir / "tensorboard"), purge_step=initial_step + 1)
 
     def _open_wandb(self, config: dict[str, Any] | None) -> Any:
         try:
@@ -214,6 +216,20 @@ class MetricsLogger:
         if self._wandb is not None:
             self._wandb.finish()
         plot_losses(self.path, self.run_dir / "loss.png")
+
+
+def truncate_after(path: Path, step: int) -> None:
+    """Drop the rows of ``metrics.jsonl`` logged after ``step`` (atomically; no-op when there are none)."""
+    if not path.is_file():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in lines if int(json.loads(line)["step"]) <= step]
+    if len(kept) < len(lines):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(f"{line}\n" for line in kept))
+        os.replace(tmp, path)
+        log.info("dropped %d rows after step %d from %s (steps to be trained again)", len(lines) - len(kept), step,
+                 path)
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

@@ -100,15 +100,23 @@ def test_wandb_requested_but_missing_warns(tmp_path, caplog):
     assert "wandb is not installed" in caplog.text
 
 
-def test_resumed_run_appends_and_latest_row_wins(tmp_path):
-    for losses in ({1: 1.0, 2: 0.9, 3: 0.8}, {3: 0.7, 4: 0.6}):  # the second run resumed from step 2
-        logger = MetricsLogger(tmp_path, RunConfig(tensorboard=False), is_main=True, total_steps=4)
+def test_resumed_run_drops_rows_after_its_checkpoint_and_appends(tmp_path):
+    runs = (({1: 1.0, 2: 0.9, 3: 0.8}, 0), ({3: 0.7, 4: 0.6}, 2))  # the 1st job died after step 3, ckpt at 2
+    for losses, initial_step in runs:
+        logger = MetricsLogger(tmp_path, RunConfig(tensorboard=False), is_main=True, total_steps=4,
+                               initial_step=initial_step)
         for step, loss in losses.items():
             logger.log(step, {"loss": loss})
         logger.close()
-    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 5
-    assert [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "metrics.jsonl")] == [
-        (1, 1.0), (2, 0.9), (3, 0.7), (4, 0.6)]
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [(json.loads(x)["step"], json.loads(x)["loss"]) for x in lines] == [(1, 1.0), (2, 0.9), (3, 0.7), (4, 0.6)]
+    assert read_metrics(tmp_path / "metrics.jsonl") == [json.loads(x) for x in lines]
+
+
+def test_read_metrics_last_row_wins_for_a_repeated_step(tmp_path):
+    rows = [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.9}, {"step": 2, "loss": 0.8}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert read_metrics(tmp_path / "metrics.jsonl") == [rows[0], rows[2]]
 
 
 def test_setup_logging_main_and_other_ranks(tmp_path, capsys):
