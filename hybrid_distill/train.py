@@ -51,8 +51,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def resolve_config(args: argparse.Namespace) -> Config:
     """Preset/file/overrides -> validated config, with ``--output-dir`` applied."""
-    preset = args.preset or (None if args.config else "tiny")
-    cfg = load_config(preset=preset or "tiny", config_file=args.config, overrides=args.overrides)
+    cfg = load_config(preset=args.preset or "tiny", config_file=args.config, overrides=args.overrides)
     if args.output_dir:
         cfg.run.output_dir = args.output_dir
     return cfg

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kernel_testlib import rel_err, run_loss
 
 import kernels
 from kernels import reference
@@ -51,16 +52,6 @@ def make_inputs(b, h, n, m, d, dtype, seed=0, d_t=None):
     return tuple(x.to("cuda", dtype) for x in (q_s, k_s, q_t, k_t)) + (keep_idx.cuda(),)
 
 
-def rel_err(got, ref):
-    return ((got.double() - ref.double()).abs().max() / ref.double().abs().max().clamp_min(1e-30)).item()
-
-
-def run_loss(q_s, k_s, q_t, k_t, keep_idx, grad_out, **kw):
-    q = q_s.detach().clone().requires_grad_(True)
-    k = k_s.detach().clone().requires_grad_(True)
-    loss = kernels.relation_loss(q, k, q_t, k_t, keep_idx, **kw)
-    loss.backward(grad_out)
-    return loss.detach(), q.grad, k.grad
 
 
 def ref64(q_s, k_s, q_t, k_t, keep_idx, grad_out, beta=1.0, scale=None):

@@ -29,6 +29,8 @@ import torch
 
 pytest.importorskip("triton")
 
+from kernel_testlib import rel_err, run_loss  # noqa: E402
+
 import kernels  # noqa: E402
 from kernels import reference  # noqa: E402
 
@@ -61,17 +63,6 @@ def make_inputs(b, h, n, m, d, dtype, seed=0, d_t=None, keep_dtype=torch.int64):
     return q_s, k_s, q_t, k_t, keep_idx
 
 
-def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((got.double() - ref.double()).abs().max() / ref.double().abs().max().clamp_min(1e-30)).item()
-
-
-def run_loss(q_s, k_s, q_t, k_t, keep_idx, grad_out, **kw):
-    """Loss and (dq_s, dk_s) for the given grad_output."""
-    q = q_s.detach().clone().requires_grad_(True)
-    k = k_s.detach().clone().requires_grad_(True)
-    loss = kernels.relation_loss(q, k, q_t, k_t, keep_idx, **kw)
-    loss.backward(grad_out)
-    return loss.detach(), q.grad, k.grad
 
 
 def reference64(q_s, k_s, q_t, k_t, keep_idx, grad_out, beta, scale):

@@ -14,6 +14,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from model_testlib import liven, random_images
 from safetensors.torch import save_file
 
 from hybrid_distill.config import ConfigError, TeacherConfig
@@ -48,30 +49,12 @@ def tiny_open_clip_configs(tmp_path_factory):
     assert TINY_CLIP in open_clip.list_models()
 
 
-def _images(B, size, seed=0):
-    return torch.randint(0, 256, (B, 3, size, size), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
-
-
 def _normalise(images, mean, std, size=None):
     x = images.float()
     if size is not None and size != x.shape[-1]:
         x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False).clamp(0, 255)
     mean, std = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
     return (x / 255.0 - mean) / std
-
-
-def _liven(module, seed=0):
-    """Larger random weights than the init so relations and masking are far from degenerate."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if "norm" in name or "ln_" in name:
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g) if name.endswith("weight") else
-                        0.1 * torch.randn(p.shape, generator=g))
-            elif p.dim() >= 2 and "embed" not in name:
-                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]))
-            else:
-                p.copy_(0.5 * torch.randn(p.shape, generator=g))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -127,11 +110,11 @@ def relations(q, k, rows):
 def _mim_teacher(library):
     if library == "timm":
         teacher = build_teacher(TeacherConfig(**MAE), "mim_teacher", (8, 8), 64)
-        _liven(teacher.backbone.model, seed=1)
+        liven(teacher.backbone.model, seed=1)
         model = teacher.backbone.model
         return teacher, model, model.blocks, IMAGENET_MEAN, IMAGENET_STD, timm_embed, timm_qk
     teacher = build_teacher(TeacherConfig(library="open_clip", model=TINY_CLIP), "mim_teacher", (8, 8), 64)
-    _liven(teacher.backbone.model, seed=2)
+    liven(teacher.backbone.model, seed=2)
     visual = teacher.backbone.model
     return teacher, visual, visual.transformer.resblocks, OPENAI_MEAN, OPENAI_STD, open_clip_embed, open_clip_qk
 
@@ -144,7 +127,7 @@ def _mim_teacher(library):
 def test_relation_targets_and_mask_equal_a_by_hand_forward(library):
     teacher, model, blocks, mean, std, embed, qk_fn = _mim_teacher(library)
     assert teacher.img_size == 64 and teacher.depth == 6
-    images = _images(2, 64, seed=3)
+    images = random_images(2, 64, seed=3)
     targets = teacher.mim_targets(images, 0.3, [0, 2, 4])
     with torch.no_grad():
         inputs, outputs = run_blocks(blocks, embed(model, _normalise(images, mean, std)))
@@ -168,7 +151,7 @@ def test_relation_targets_and_mask_equal_a_by_hand_forward(library):
 
 def test_relation_blocks_differ_from_neighbouring_blocks():
     teacher, model, blocks, mean, std, embed, qk_fn = _mim_teacher("timm")
-    images = _images(1, 64, seed=4)
+    images = random_images(1, 64, seed=4)
     targets = teacher.mim_targets(images, 0.3, [0, 2, 4])
     with torch.no_grad():
         inputs, _ = run_blocks(blocks, embed(model, _normalise(images, mean, std)))
@@ -180,7 +163,7 @@ def test_relation_blocks_differ_from_neighbouring_blocks():
 
 def test_teacher_prunes_continues_on_kept_tokens_only():
     teacher, model, blocks, mean, std, embed, qk_fn = _mim_teacher("timm")
-    images = _images(2, 64, seed=5)
+    images = random_images(2, 64, seed=5)
     full = teacher.mim_targets(images, 0.3, [0, 2, 4], prunes=False)
     pruned = teacher.mim_targets(images, 0.3, [0, 2, 4], prunes=True)
     assert pruned.keep_idx.shape == full.keep_idx.shape == (2, 23)
@@ -213,10 +196,10 @@ def test_register_tokens_are_never_scored_and_are_left_out_of_keep_idx_and_relat
                         patch_size=8)
     teacher = build_teacher(cfg, "mim_teacher", (8, 8), 64)
     model = teacher.backbone.model
-    _liven(model, seed=14)
+    liven(model, seed=14)
     P = model.num_prefix_tokens
     assert P == 5
-    images = _images(2, 64, seed=15)
+    images = random_images(2, 64, seed=15)
     inputs, outputs = {}, {}
 
     def record(i):
@@ -248,7 +231,7 @@ def test_register_tokens_are_never_scored_and_are_left_out_of_keep_idx_and_relat
 
 def test_mim_teacher_defaults_to_all_patches_when_nothing_is_dropped():
     teacher, *_ = _mim_teacher("timm")
-    targets = teacher.mim_targets(_images(1, 64), 0.0, [0, 2, 4])
+    targets = teacher.mim_targets(random_images(1, 64), 0.0, [0, 2, 4])
     assert targets.keep_idx.tolist() == [list(range(65))]
 
 
@@ -262,7 +245,7 @@ def test_teacher_is_frozen_and_stays_in_eval(library):
     assert all(not p.requires_grad for p in teacher.parameters())
     teacher.train()
     assert not teacher.training and not any(m.training for m in teacher.modules())
-    targets = teacher.mim_targets(_images(1, 64), 0.3, [0, 2, 4])
+    targets = teacher.mim_targets(random_images(1, 64), 0.3, [0, 2, 4])
     assert not targets.qk[0][0].requires_grad
 
 
@@ -274,7 +257,7 @@ def test_teacher_normalises_with_its_own_mean_and_std(library, first, mean, std)
     teacher, model, *_ = _mim_teacher(library)
     seen = []
     handle = model.get_submodule(first).register_forward_pre_hook(lambda m, args: seen.append(args[0]))
-    images = _images(2, 64, seed=6)
+    images = random_images(2, 64, seed=6)
     try:
         teacher.mim_targets(images, 0.3, [0, 2, 4])
     finally:
@@ -302,7 +285,7 @@ def test_patch14_teacher_for_a_16px_student_at_224_sees_196px_on_a_14x14_grid(li
     model = teacher.backbone.model
     pos = model.pos_embed if library == "timm" else model.positional_embedding
     assert pos.shape[-2] == 1 + 14 * 14  # position embedding built for the 196 px grid
-    feats = teacher.feature_targets(_images(1, 224))
+    feats = teacher.feature_targets(random_images(1, 224))
     assert feats.shape == (1, 1 + 196, teacher.feature_dim())
 
 
@@ -315,7 +298,7 @@ def test_teacher_tokens_line_up_with_the_student_grid(library):
     seen = []
     handle = embed.register_forward_hook(lambda m, args, out: seen.append(out.flatten(2).transpose(1, 2)
                                                                         if out.dim() == 4 else out))
-    images = _images(1, 224, seed=7)
+    images = random_images(1, 224, seed=7)
     r, c = 3, 9
     other = images.clone()
     other[..., 16 * r + 4:16 * r + 12, 16 * c + 4:16 * c + 12] = 255 - other[..., 16 * r + 4:16 * r + 12,
@@ -347,10 +330,10 @@ def test_resample_maps_the_teacher_token_map_onto_the_student_grid(patch, antial
                         patch_size=patch, grid_align="resample")
     teacher = build_teacher(cfg, "feature_teacher", (8, 8), 64)
     model = teacher.backbone.model
-    _liven(model, seed=8)
+    liven(model, seed=8)
     assert teacher.img_size == 64
     grid = 64 // patch
-    images = _images(2, 64, seed=9)
+    images = random_images(2, 64, seed=9)
     with torch.no_grad():
         tokens = model.forward_features(_normalise(images, model.pretrained_cfg["mean"], model.pretrained_cfg["std"]))
     maps = tokens[:, 1:].transpose(1, 2).reshape(2, 32, grid, grid)
@@ -369,8 +352,8 @@ def test_resample_maps_the_teacher_token_map_onto_the_student_grid(patch, antial
 def test_feature_targets_after_norm_before_norm_and_after_projection_timm():
     teacher = build_teacher(TeacherConfig(**CLIP_TOWER, patch_size=8), "feature_teacher", (8, 8), 64)
     model = teacher.backbone.model
-    _liven(model, seed=10)
-    images = _images(2, 64, seed=11)
+    liven(model, seed=10)
+    images = random_images(2, 64, seed=11)
     x = _normalise(images, OPENAI_MEAN, OPENAI_STD)
     with torch.no_grad():
         _, outputs = run_blocks(model.blocks, timm_embed(model, x))
@@ -386,8 +369,8 @@ def test_feature_targets_after_norm_before_norm_and_after_projection_timm():
 def test_feature_targets_after_norm_before_norm_and_after_projection_open_clip():
     teacher = build_teacher(TeacherConfig(library="open_clip", model=TINY_CLIP), "feature_teacher", (8, 8), 64)
     visual = teacher.backbone.model
-    _liven(visual, seed=12)
-    images = _images(2, 64, seed=13)
+    liven(visual, seed=12)
+    images = random_images(2, 64, seed=13)
     x = _normalise(images, OPENAI_MEAN, OPENAI_STD)
     with torch.no_grad():
         _, outputs = run_blocks(visual.transformer.resblocks, open_clip_embed(visual, x))

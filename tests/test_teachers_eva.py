@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from model_testlib import liven, random_images
 from timm.layers import AttentionRope, LayerNorm, apply_rot_embed_cat
 from timm.models.eva import EvaAttention, EvaBlockPostNorm
 
@@ -33,34 +34,16 @@ DINOV3 = "vit_small_patch16_dinov3.lvd1689m"  # CLS + 4 registers (not rotated),
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _images(B, size, seed=0):
-    return torch.randint(0, 256, (B, 3, size, size), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
-
-
 def _normalise(images, model):
     mean = torch.tensor(model.pretrained_cfg["mean"]).view(1, 3, 1, 1)
     std = torch.tensor(model.pretrained_cfg["std"]).view(1, 3, 1, 1)
     return (images.float() / 255.0 - mean) / std
 
 
-def _liven(module, seed=0):
-    """Larger random weights than the init (biases included) so relations and masking are far from degenerate."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if "norm" in name:
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g) if name.endswith("weight") else
-                        0.1 * torch.randn(p.shape, generator=g))
-            elif p.dim() >= 2 and "embed" not in name:
-                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]))
-            else:
-                p.copy_(0.5 * torch.randn(p.shape, generator=g))
-
-
 def _teacher(kind, role="mim_teacher", seed=1):
     teacher = build_teacher(TeacherConfig(model=MODELS.get(kind, kind), **TINY), role, (8, 8), 64)
     assert isinstance(teacher.backbone, EvaBackbone)
-    _liven(teacher.backbone.model, seed=seed)
+    liven(teacher.backbone.model, seed=seed)
     return teacher, teacher.backbone.model
 
 
@@ -142,7 +125,7 @@ def close(a, b):
 def test_relation_targets_and_mask_equal_a_by_hand_forward(kind):
     teacher, model = _teacher(kind)
     assert (teacher.num_heads, teacher.head_dim) == (2, 16)
-    images = _images(2, 64, seed=3)
+    images = random_images(2, 64, seed=3)
     targets = teacher.mim_targets(images, 0.3, [0, 2, 4])
     with torch.no_grad():
         inputs, outputs = run_blocks(model, embed(model, _normalise(images, model)))
@@ -163,7 +146,7 @@ def test_relation_targets_and_mask_equal_a_by_hand_forward(kind):
 @pytest.mark.parametrize("kind", ["eva02", "eva01", "post_norm"])  # post_norm pools `token`: a real final norm
 def test_feature_targets_equal_timm_forward_features(kind):
     teacher, model = _teacher(kind, role="feature_teacher", seed=7)
-    images = _images(2, 64, seed=8)
+    images = random_images(2, 64, seed=8)
     with torch.no_grad():
         x = _normalise(images, model)
         want = model.forward_features(x)  # timm's own forward: blocks with RoPE, then the final norm
@@ -176,7 +159,7 @@ def test_feature_targets_equal_timm_forward_features(kind):
 @pytest.mark.parametrize("kind", [*MODELS, DINOV3])
 def test_qk_only_shortcut_equals_capture_during_a_full_block_run(kind):
     teacher, model = _teacher(kind, seed=9)
-    images = _images(2, 64, seed=10)
+    images = random_images(2, 64, seed=10)
     mlp_calls = []
     handle = model.blocks[4].mlp.register_forward_hook(lambda *_: mlp_calls.append(1))
     try:
@@ -196,7 +179,7 @@ def test_qk_only_shortcut_equals_capture_during_a_full_block_run(kind):
 @pytest.mark.parametrize("kind", ["eva02", "rope_mixed"])
 def test_teacher_prunes_rotates_each_kept_token_by_its_own_position(kind):
     teacher, model = _teacher(kind, seed=11)
-    images = _images(2, 64, seed=12)
+    images = random_images(2, 64, seed=12)
     pruned = teacher.mim_targets(images, 0.3, [0, 2, 4], prunes=True)
     assert pruned.keep_idx.shape == (2, 23)
     with torch.no_grad():
@@ -254,7 +237,7 @@ def _v_by_hand(attn, x):
 def test_captured_qk_are_the_ones_the_attention_softmaxes(name):
     torch.manual_seed(0)
     attn = ATTENTIONS[name]().eval()
-    _liven(attn, seed=13)
+    liven(attn, seed=13)
     B, N, P = 2, 1 + 9, attn.num_prefix_tokens
     x = torch.randn(B, N, 32)
     angles = torch.rand(N - P, attn.head_dim) * 6.0
