@@ -33,6 +33,7 @@ DAEMONS = ("slurmctld", "slurmd", "munged")
 CLIENTS = ("sbatch", "squeue", "scontrol", "scancel", "sinfo", "srun")
 PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
 MARKER = "HD_SLURM_HARNESS"
+CRED_EXPIRE_S = 15  # see _slurm_conf
 
 
 class SlurmUnavailable(RuntimeError):
@@ -179,7 +180,10 @@ class SlurmCluster:
             "SlurmdUser=root",
             "AuthType=auth/munge",
             "CredType=cred/munge",
-            f"AuthInfo=socket={root / 'munge' / 'munge.socket'}",
+            # cred_expire (default 120 s) is also how long a requeued job waits before it may start again: its
+            # old credential stays revoked on the nodes until then, and an earlier start fails with "Job
+            # credential revoked". 15 s keeps the preemption tests short without bypassing that wait.
+            f"AuthInfo=socket={root / 'munge' / 'munge.socket'},cred_expire={CRED_EXPIRE_S}",
             f"StateSaveLocation={root / 'state'}",
             f"SlurmdSpoolDir={root / 'spool' / '%n'}",
             f"SlurmctldPidFile={root / 'slurmctld.pid'}",
@@ -289,10 +293,6 @@ class SlurmCluster:
         """What ``--signal`` does at its time: ``scancel -s SIG`` to the job steps' tasks, or with ``batch``
         (``--signal=B:SIG``) ``scancel -b`` to the batch shell only."""
         self.run("scancel", "-s", sig, *(["-b"] if batch else []), job_id)
-
-    def release(self, job_id: str) -> None:
-        """A requeued job waits ~120 s before it may start again; let it start now."""
-        self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
 
     # -- stop ------------------------------------------------------------------------------------------------------
 

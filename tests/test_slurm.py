@@ -77,6 +77,7 @@ class Job:
             lines = path.read_text(errors="replace").splitlines()[-25:]
             parts.append(f"==> {path.name} <==\n" + "\n".join(lines))
         parts.append(f"==> scontrol <==\n{self.cluster.job(self.id)}")
+        parts.append(self.cluster.logs())
         return "\n".join(parts)
 
     def wait_for_steps(self, count: int, timeout: float = JOB_TIMEOUT) -> None:
@@ -87,11 +88,11 @@ class Job:
             time.sleep(0.2)
 
     def preempt_and_resume(self, batch: bool) -> None:
-        """Signal as --signal would, expect a checkpoint + requeue, then let the requeued job start now."""
+        """Signal as --signal would and expect a checkpoint + requeue; SLURM restarts the job by itself (after
+        ``cred_expire``, see ``tests/slurm_cluster.py``)."""
         self.cluster.signal_job(self.id, "USR1", batch=batch)
         info = self.wait(("PENDING", "COMPLETED", "FAILED", "CANCELLED"))
         assert info["JobState"] == "PENDING" and info.get("Restarts") == "1", self.report()
-        self.cluster.release(self.id)
 
 
 def assert_completed(job: Job, info: dict[str, str]) -> None:
