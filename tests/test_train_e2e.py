@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from ds_testlib import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--preset", "tiny", "run.log_every=1", "data.synthetic_size=32"]
@@ -35,18 +36,10 @@ def launch(out: Path, *args: str, procs: int = 1, ds: str | Path = "ds_configs/z
         cmd = [sys.executable, *argv]
     else:
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(procs),
-               "--master_port", str(_free_port()), *argv]
+               "--master_port", str(free_port()), *argv]
     result = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
     (out.parent / f"{out.name}.log").write_text(result.stdout + result.stderr)
     return result
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def metrics(out: Path) -> list[dict]:
