@@ -33,6 +33,10 @@ class StudentConfig:
     depth: int | None = None
     num_heads: int | None = None
     drop_path_rate: float = 0.0
+    # Input normalisation the student is trained with (recorded in the export's pretrained_cfg). ImageNet's, as
+    # MAE/dBOT and their fine-tuning recipes use; timm's own tag for a model name may differ (augreg: 0.5/0.5).
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 
 @dataclass
@@ -46,7 +50,7 @@ class TeacherConfig:
     library: str = "timm"  # timm | open_clip
     model: str = "vit_base_patch16_224.mae"
     weights: str = "random"  # random | pretrained | /path/to/checkpoint
-    pretrained_tag: str | None = None  # open_clip `pretrained=` tag used with weights=pretrained
+    pretrained_tag: str | None = None  # open_clip tag: downloaded with weights=pretrained; else sets mean/std
     img_size: int | None = None  # None: chosen so the teacher's patch grid equals the student's
     embed_dim: int | None = None  # explicit timm dimensions (tiny teachers); None: the model's own
     depth: int | None = None
@@ -186,6 +190,12 @@ def validate(cfg: Config) -> Config:
            and ":" in cfg.data.source, "data.source",
            f"{cfg.data.source!r} is not valid; use synthetic, folder:PATH, hf:NAME_OR_PATH or wds:PATTERN")
     _check(cfg.run.stop_after_steps is None or cfg.run.stop_after_steps >= 1, "run.stop_after_steps", "must be >= 1")
+    for role in ("mim_teacher", "feature_teacher"):
+        t = getattr(cfg, role)
+        _check(t.library != "open_clip" or t.weights != "pretrained" or t.pretrained_tag
+               or t.model.startswith("hf-hub:"), f"{role}.pretrained_tag",
+               f"must name the open_clip weights to download for {t.model!r} (e.g. openai; see "
+               "open_clip.list_pretrained()) when weights=pretrained")
     if cfg.mim_teacher.grid_align == "resample":
         raise ConfigError("mim_teacher.grid_align=resample is not supported (the MIM teacher's tokens define keep_idx "
                           "on the student grid); use resize")

@@ -13,8 +13,12 @@ rebuilt from the run's ``config.yaml`` with ``build_student`` and written by ``t
 
 Load it with either::
 
-    timm.create_model(NAME, pretrained=True, pretrained_cfg_overlay=dict(file="DIR/model.safetensors"), **KWARGS)
+    timm.create_model(NAME, pretrained=True, pretrained_cfg_overlay=dict(file="DIR/model.safetensors",
+                      mean=MEAN, std=STD), **KWARGS)
     timm.create_model("local-dir:DIR", pretrained=True)
+
+Either way the model's ``pretrained_cfg`` holds the mean/std the student was trained with (``student.mean/std``),
+so ``timm.data.resolve_data_config(model=model)`` gives the right normalisation for fine-tuning.
 
 ``drop_path_rate`` (a training knob) is not part of the exported kwargs; pass your own when fine-tuning.
 """
@@ -128,25 +132,27 @@ def export_student(src: str | Path, out: str | Path, tag: str | None = None) -> 
         raise ExportError(f"{str(tag_dir)!r} does not match student {cfg.student.model}: {e}") from e
     out = Path(out)
     kwargs = export_kwargs(cfg)
-    model_config = {"model_args": kwargs, "pretrained_cfg": {"tag": "hybrid_distill"}}
+    norm = {"mean": list(cfg.student.mean), "std": list(cfg.student.std)}
+    model_config = {"model_args": kwargs, "pretrained_cfg": {"tag": "hybrid_distill", **norm}}
     save_for_hf(model.eval(), str(out), model_config=model_config, safe_serialization=True)
-    _write_docs(out, cfg.student.model, kwargs, tag_dir, model)
+    _write_docs(out, cfg.student.model, kwargs, tag_dir, norm)
     return out / "model.safetensors"
 
 
-def load_line(model_name: str, kwargs: dict[str, Any], weights: Path) -> str:
-    """The Python line that loads the export with timm."""
+def load_line(model_name: str, kwargs: dict[str, Any], weights: Path, norm: dict[str, list[float]]) -> str:
+    """The Python line that loads the export with timm (its pretrained_cfg then holds the training mean/std)."""
     args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+    overlay = ", ".join(f"{k}={tuple(v)!r}" for k, v in norm.items())
     return (f"timm.create_model({model_name!r}, pretrained=True, "
-            f"pretrained_cfg_overlay=dict(file={str(weights)!r}), {args})")
+            f"pretrained_cfg_overlay=dict(file={str(weights)!r}, {overlay}), {args})")
 
 
-def _write_docs(out: Path, model_name: str, kwargs: dict[str, Any], tag_dir: Path, model: torch.nn.Module) -> None:
+def _write_docs(out: Path, model_name: str, kwargs: dict[str, Any], tag_dir: Path,
+                norm: dict[str, list[float]]) -> None:
     weights = (out / "model.safetensors").resolve()
-    line = load_line(model_name, kwargs, weights)
+    line = load_line(model_name, kwargs, weights, norm)
     info = {"model": model_name, "kwargs": kwargs, "weights": "model.safetensors", "source": str(tag_dir.resolve()),
-            "step": tag_step(tag_dir), "mean": list(model.pretrained_cfg.get("mean", ())),
-            "std": list(model.pretrained_cfg.get("std", ())), "load": line,
+            "step": tag_step(tag_dir), **norm, "load": line,
             "load_local_dir": f"timm.create_model('local-dir:{out.resolve()}', pretrained=True)"}
     (out / "export.json").write_text(json.dumps(info, indent=2) + "\n")
     (out / "README.md").write_text(

@@ -29,7 +29,8 @@ def student_kwargs(cfg: StudentConfig) -> dict:
 
 
 def build_student(cfg: StudentConfig) -> VisionTransformer:
-    """A randomly initialised timm ViT (no classifier) as described by ``cfg``."""
+    """A randomly initialised timm ViT (no classifier) as described by ``cfg``, its ``pretrained_cfg`` carrying the
+    configured input mean/std (what the task normalises with and the export records)."""
     try:
         model = timm.create_model(cfg.model, pretrained=False, **student_kwargs(cfg))
     except (RuntimeError, ValueError, TypeError, AssertionError) as e:
@@ -39,6 +40,7 @@ def build_student(cfg: StudentConfig) -> VisionTransformer:
                           "VisionTransformer (e.g. vit_base_patch16_224)")
     if model.cls_token is None or model.num_prefix_tokens != 1:
         raise ConfigError(f"student.model={cfg.model!r} must have exactly one prefix token (CLS, no registers)")
+    model.pretrained_cfg = {**model.pretrained_cfg, "mean": tuple(cfg.mean), "std": tuple(cfg.std)}
     return model
 
 

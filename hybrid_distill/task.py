@@ -72,10 +72,14 @@ class HybridDistillTask(nn.Module):
                               "set loss.head_reduce=mean to average them over heads, or match student.num_heads")
 
     def place_teachers(self, device: torch.device, dtype: torch.dtype) -> None:
-        """Move both teachers (and the normalisation buffers) to ``device``; cast teacher weights to ``dtype``."""
+        """Move both teachers (and the normalisation buffers) to ``device``; cast teacher weights to ``dtype``.
+
+        Only the backbones are cast: the mean/std buffers stay fp32 (in bf16, 123.675 would become 123.5).
+        """
         self.mean, self.std = self.mean.to(device), self.std.to(device)
         for teacher in (self.mim_teacher, self.feature_teacher):
-            teacher.to(device=device, dtype=dtype)
+            teacher.to(device=device)
+            teacher.backbone.to(dtype=dtype)
 
     @torch.no_grad()
     def targets(self, images: torch.Tensor) -> Targets:

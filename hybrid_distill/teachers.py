@@ -316,6 +316,31 @@ def build_open_clip(cfg: TeacherConfig, img_size: int) -> OpenClipBackbone:
     return OpenClipBackbone(model.visual)
 
 
+def open_clip_mean_std(cfg: TeacherConfig, visual: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The input mean/std of an open_clip teacher: the config's, else its weights', else OpenAI's.
+
+    open_clip keeps normalisation per (model, tag): ``ViT-L-14`` / ``laion2b_s32b_b82k`` uses 0.5/0.5, the
+    ``datacomp`` CLIPA tags ImageNet's. With ``weights=pretrained`` it is what open_clip attached to the tower
+    (the tag's, or an ``hf-hub:`` model's config); with a local file or random weights, ``pretrained_tag`` (if
+    set) names the tag whose values to use, so a local copy of tagged weights normalises like the download.
+
+    Raises:
+        ConfigError: ``pretrained_tag`` is not one of open_clip's tags for ``model``.
+    """
+    import open_clip
+
+    values = open_clip.get_model_preprocess_cfg(visual)  # open_clip's defaults are OpenAI's
+    if cfg.pretrained_tag and cfg.weights != "pretrained":
+        values = open_clip.get_pretrained_cfg(cfg.model, cfg.pretrained_tag)
+        if not values:
+            known = open_clip.list_pretrained_tags_by_model(cfg.model)
+            raise ConfigError(f"pretrained_tag={cfg.pretrained_tag!r} is not an open_clip tag of {cfg.model!r}; "
+                              f"known tags: {known or 'none'} (or leave it unset and set mean/std)")
+    mean = cfg.mean or values.get("mean") or OPENAI_MEAN
+    std = cfg.std or values.get("std") or OPENAI_STD
+    return tuple(mean), tuple(std)
+
+
 def _load_open_clip_file(model: nn.Module, path: Path, model_name: str) -> None:
     from open_clip.model import resize_pos_embed
 
@@ -522,7 +547,7 @@ def build_teacher(cfg: TeacherConfig, role: str, student_grid: tuple[int, int], 
     else:
         img_size = aligned_img_size(cfg, _open_clip_patch_size(cfg), student_grid, student_img, role)
         backbone = build_open_clip(cfg, img_size)
-        mean, std = cfg.mean or OPENAI_MEAN, cfg.std or OPENAI_STD
+        mean, std = open_clip_mean_std(cfg, backbone.model)
     if cfg.grid_align == "resize" and tuple(backbone.grid_size) != tuple(student_grid):
         raise ConfigError(f"{role} {cfg.model!r} has a {backbone.grid_size} patch grid at {img_size} px; the "
                           f"student's is {student_grid}: they cannot be aligned")

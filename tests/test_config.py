@@ -156,6 +156,9 @@ def test_bad_choice_names_the_key_and_the_valid_choices(override, key, choices):
         (["loss.alpha=-1"], "loss.alpha"),
         (["data.source=s3://bucket"], "data.source"),
         (["mim_teacher.grid_align=resample"], "mim_teacher.grid_align"),  # keep_idx lives on the MIM grid
+        # open_clip would silently build random weights: weights=pretrained needs the tag to download
+        (["feature_teacher.library=open_clip", "feature_teacher.model=ViT-B-16", "feature_teacher.weights=pretrained"],
+         "feature_teacher.pretrained_tag"),
     ],
 )
 def test_invalid_combinations_are_rejected(overrides, key):

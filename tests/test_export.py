@@ -81,9 +81,15 @@ def test_export_round_trip_identical_outputs(runs, tmp_path, stage):
     model = timm.create_model(info["model"], pretrained=True, pretrained_cfg_overlay=dict(file=str(weights)),
                               **info["kwargs"]).eval()
     local = timm.create_model(f"local-dir:{tmp_path / 'export'}", pretrained=True).eval()
+    printed = eval(info["load"], {"timm": timm}).eval()  # the line export.json and the README give users
+    imagenet = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}  # student.mean/std default
     with torch.no_grad():
-        for loaded in (model, local):
+        for loaded in (model, local, printed):
             torch.testing.assert_close(loaded.forward_features(ref["image"]), ref["features"], rtol=0, atol=1e-6)
+    for loaded in (local, printed):  # timm's data config for fine-tuning = the normalisation the student learnt
+        data_cfg = timm.data.resolve_data_config(model=loaded)
+        assert {k: tuple(data_cfg[k]) for k in imagenet} == imagenet
+    assert (info["mean"], info["std"]) == (list(imagenet["mean"]), list(imagenet["std"]))
     assert info["load"] in (tmp_path / "export" / "README.md").read_text()
 
 

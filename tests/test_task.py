@@ -197,9 +197,21 @@ def test_each_teacher_receives_its_own_normalisation_and_size():
     assert torch.allclose(seen["mim"], _normalise(images, IMAGENET_MEAN, IMAGENET_STD), atol=1e-5)  # MAE
     assert seen["feature"].shape == (2, 3, 56, 56)
     assert torch.allclose(seen["feature"], _normalise(images, OPENAI_MEAN, OPENAI_STD, size=56), atol=1e-4)
-    s = task.trainable.student.pretrained_cfg
-    assert torch.allclose(seen["student"], _normalise(images, s["mean"], s["std"]), atol=1e-5)
+    # the student: student.mean/std, ImageNet's by default (timm's vit_*_224 tag would say 0.5/0.5)
+    assert torch.allclose(seen["student"], _normalise(images, IMAGENET_MEAN, IMAGENET_STD), atol=1e-5)
     assert not torch.allclose(seen["mim"], _normalise(images, OPENAI_MEAN, OPENAI_STD), atol=1e-3)
+
+
+def test_teachers_placed_in_bf16_normalise_with_the_exact_fp32_mean_and_std():
+    """Only teacher weights are cast: in bf16 the MAE mean 123.675 would become 123.5, biasing every input."""
+    task = _task()
+    task.place_teachers(torch.device("cpu"), torch.bfloat16)
+    teacher = task.mim_teacher
+    assert teacher.backbone.model.patch_embed.proj.weight.dtype == torch.bfloat16
+    assert teacher.mean.dtype == teacher.std.dtype == torch.float32
+    images = _images(2, seed=3)
+    expected = _normalise(images, IMAGENET_MEAN, IMAGENET_STD).to(torch.bfloat16)
+    assert torch.equal(teacher.prepare(images), expected)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 from hybrid_distill.config import ConfigError, TeacherConfig
 from hybrid_distill.masking import progressive_keep_indices
-from hybrid_distill.teachers import CheckpointError, build_teacher
+from hybrid_distill.teachers import CheckpointError, build_teacher, open_clip_mean_std
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 OPENAI_MEAN, OPENAI_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
@@ -263,6 +263,35 @@ def test_teacher_normalises_with_its_own_mean_and_std(library, first, mean, std)
     finally:
         handle.remove()
     assert torch.allclose(seen[0], _normalise(images, mean, std), atol=1e-5)
+
+
+def _tiny_visual():
+    return open_clip.create_model(TINY_CLIP).visual
+
+
+def test_open_clip_mean_and_std_follow_the_pretrained_tag():
+    """open_clip normalises per (model, tag): LAION ViT-L-14 uses 0.5/0.5, not OpenAI's values."""
+    cfg = TeacherConfig(library="open_clip", model="ViT-L-14", pretrained_tag="laion2b_s32b_b82k")  # a local copy
+    assert open_clip_mean_std(cfg, _tiny_visual()) == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    openai = TeacherConfig(library="open_clip", model="ViT-L-14", pretrained_tag="openai")
+    assert open_clip_mean_std(openai, _tiny_visual()) == (OPENAI_MEAN, OPENAI_STD)
+    assert open_clip_mean_std(TeacherConfig(library="open_clip", model=TINY_CLIP), _tiny_visual()) == (
+        OPENAI_MEAN, OPENAI_STD)  # no tag, random weights: open_clip's default
+
+
+def test_open_clip_downloaded_weights_use_the_normalisation_open_clip_attached():
+    visual = _tiny_visual()
+    open_clip.set_model_preprocess_cfg(visual, {"mean": (0.1, 0.2, 0.3), "std": (0.4, 0.5, 0.6)})  # as create_model
+    cfg = TeacherConfig(library="open_clip", model=TINY_CLIP, weights="pretrained", pretrained_tag="hub-tag")
+    assert open_clip_mean_std(cfg, visual) == ((0.1, 0.2, 0.3), (0.4, 0.5, 0.6))
+    explicit = TeacherConfig(library="open_clip", model=TINY_CLIP, mean=(0.7, 0.7, 0.7), std=(0.2, 0.2, 0.2))
+    assert open_clip_mean_std(explicit, visual) == ((0.7, 0.7, 0.7), (0.2, 0.2, 0.2))
+
+
+def test_unknown_open_clip_tag_is_a_config_error_listing_the_known_tags():
+    cfg = TeacherConfig(library="open_clip", model="ViT-L-14", pretrained_tag="laion9b")
+    with pytest.raises(ConfigError, match=r"laion9b.*ViT-L-14.*laion2b_s32b_b82k"):
+        open_clip_mean_std(cfg, _tiny_visual())
 
 
 # ----------------------------------------------------------------------------------------------------------------
