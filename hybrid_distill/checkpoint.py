@@ -174,7 +174,8 @@ def save(engine: Any, ckpt_dir: str | Path, step: int, client_state: dict[str, A
     if _rank() == 0:
         write_marker(tag_dir, {"step": step, "tag": tag_dir.name, "world_size": _world_size(),
                                "zero_stage": int(engine.zero_optimization_stage()),
-                               "deepspeed": _ds_version(), "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+                               "deepspeed": _ds_version(), "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                               "config": client_state.get("config")})
         prune(ckpt_dir, keep_last, protect=tag_dir)
     _barrier()
     return tag_dir
@@ -243,9 +244,11 @@ def ensure_universal(tag_dir: str | Path, world_size: int | None = None) -> Path
     """Return a directory loadable on the current world size; convert to a universal checkpoint if needed.
 
     Same world size: ``tag_dir`` itself. Otherwise rank 0 runs DeepSpeed's converter into
-    ``<tag_dir>_universal`` (once; an existing complete conversion is reused) while the other ranks wait at a
-    barrier (call on every rank, after the process group exists, before ``build_engine``). The caller must
-    then set ``ds_config["checkpoint"] = {"load_universal": True}`` and call ``load(..., load_universal=True)``.
+    ``<tag_dir>_universal`` (once; an existing complete conversion is reused) while the other ranks watch the
+    shared file system for its marker (or rank 0's failure note), with no deadline: converting a large ZeRO
+    checkpoint may take longer than the process-group timeout, so they do not wait in a collective. Call on every
+    rank, after the process group exists, before ``build_engine``. The caller must then set
+    ``ds_config["checkpoint"] = {"load_universal": True}`` and call ``load(..., load_universal=True)``.
 
     Raises:
         CheckpointError: the checkpoint is incomplete or the conversion failed (on every rank).
@@ -253,18 +256,32 @@ def ensure_universal(tag_dir: str | Path, world_size: int | None = None) -> Path
     tag_dir = Path(tag_dir)
     if not needs_universal(tag_dir, world_size):
         return tag_dir
-    out, error = universal_dir(tag_dir), None
+    out = universal_dir(tag_dir)
+    failed = out.with_name(out.name + ".failed")
+    if _rank() == 0:
+        failed.unlink(missing_ok=True)
+    _barrier()  # no rank reads a failure note left by an earlier attempt
     if _rank() == 0 and read_marker(out) is None:
         try:
             convert_to_universal(tag_dir, out)
         except CheckpointError as e:
-            error = e
+            failed.write_text(str(e))
+            raise
+    _wait_for_conversion(out, failed)
     _barrier()
-    if error is not None:
-        raise error
-    if read_marker(out) is None:
-        raise CheckpointError(f"universal conversion of {str(tag_dir)!r} failed on rank 0 (see its log)")
     return out
+
+
+def _wait_for_conversion(out: Path, failed: Path, poll_s: float = 2.0, report_s: float = 60.0) -> None:
+    """Block until ``out`` has its marker; raise if rank 0 wrote the failure note ``failed`` instead."""
+    start = last = time.monotonic()
+    while read_marker(out) is None:
+        if failed.exists():
+            raise CheckpointError(f"universal conversion to {str(out)!r} failed on rank 0: {failed.read_text()}")
+        if time.monotonic() - last > report_s:
+            last = time.monotonic()
+            log.info("waiting for rank 0 to convert %s (%.0f s so far)", out, last - start)
+        time.sleep(poll_s)
 
 
 def convert_to_universal(tag_dir: str | Path, out: str | Path) -> Path:

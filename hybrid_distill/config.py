@@ -181,11 +181,21 @@ def validate(cfg: Config) -> Config:
            f"must be a multiple of data.batch_size ({cfg.data.batch_size})")
     _check(cfg.loss.alpha >= 0, "loss.alpha", "must be >= 0")
     _check(cfg.loss.feature_beta > 0 and cfg.loss.relation_beta > 0, "loss.feature_beta/relation_beta", "must be > 0")
+    _check(cfg.run.max_steps is None or cfg.run.max_steps >= 1, "run.max_steps",
+           "must be >= 1 (or null: run.epochs sets the length)")
     _check(cfg.run.epochs > 0 or cfg.run.max_steps, "run.epochs", "must be > 0 (or set run.max_steps)")
     _check(cfg.run.ckpt_every >= 1 and cfg.run.keep_last >= 1, "run.ckpt_every/keep_last", "must be >= 1")
+    _check(cfg.run.log_every >= 1, "run.log_every", "must be >= 1")
+    _check(cfg.run.max_nonfinite >= 1, "run.max_nonfinite", "must be >= 1")
+    _check_optim(cfg)
     lo, hi = cfg.data.crop_scale
     _check(0 < lo <= hi <= 1, "data.crop_scale", "must satisfy 0 < min <= max <= 1")
     _check(0 <= cfg.data.max_bad_fraction < 1, "data.max_bad_fraction", "must be in [0, 1)")
+    _check(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0 (0: load in the main process)")
+    _check(cfg.data.synthetic_size >= 1, "data.synthetic_size", "must be >= 1")
+    _check(cfg.data.num_samples is None or cfg.data.num_samples >= 1, "data.num_samples",
+           "must be >= 1 (or null: the source's own length)")
+    _check(cfg.data.shuffle_buffer >= 0, "data.shuffle_buffer", "must be >= 0")
     _check(cfg.data.source == "synthetic" or cfg.data.source.split(":", 1)[0] in ("folder", "hf", "wds")
            and ":" in cfg.data.source, "data.source",
            f"{cfg.data.source!r} is not valid; use synthetic, folder:PATH, hf:NAME_OR_PATH or wds:PATTERN")
@@ -200,6 +210,27 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("mim_teacher.grid_align=resample is not supported (the MIM teacher's tokens define keep_idx "
                           "on the student grid); use resize")
     return cfg
+
+
+def _check_optim(cfg: Config) -> None:
+    optim = cfg.optim
+    _check(optim.base_lr > 0, "optim.base_lr", "must be > 0")
+    _check(optim.lr is None or optim.lr > 0, "optim.lr", "must be > 0 (or null: scaled from optim.base_lr)")
+    peak = peak_lr(cfg)
+    source = "optim.lr" if optim.lr is not None else "optim.base_lr x optim.global_batch_size / 1024"
+    _check(0 <= optim.min_lr <= peak, "optim.min_lr", f"must be in [0, {peak:.4g}]: at most the peak lr ({source})")
+    _check(optim.warmup_epochs >= 0, "optim.warmup_epochs", "must be >= 0")
+    _check(optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+    _check(all(0 <= b < 1 for b in optim.betas), "optim.betas", "must both be in [0, 1)")
+    _check(optim.eps > 0, "optim.eps", "must be > 0")
+    _check(optim.clip_grad >= 0, "optim.clip_grad", "must be >= 0 (0 disables clipping)")
+
+
+def peak_lr(cfg: Config) -> float:
+    """``optim.lr`` when set, else ``optim.base_lr * optim.global_batch_size / 1024`` (linear scaling rule)."""
+    if cfg.optim.lr is not None:
+        return float(cfg.optim.lr)
+    return cfg.optim.base_lr * cfg.optim.global_batch_size / 1024
 
 
 def _check(ok: Any, key: str, message: str) -> None:

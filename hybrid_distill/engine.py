@@ -23,13 +23,24 @@ from typing import Any
 import torch
 from torch import nn
 
-from hybrid_distill.config import Config, ConfigError
+from hybrid_distill.config import Config, ConfigError, peak_lr  # peak_lr: re-exported (engine.peak_lr)
 
 # Parameters named like this (last dotted component) get no weight decay, whatever their rank.
 NO_DECAY_NAMES = frozenset({"pos_embed", "cls_token", "reg_token", "dist_token"})
 # Sections that would make DeepSpeed build its own optimizer or scheduler; we pass a client optimizer and
 # set the lr ourselves every step.
 FORBIDDEN_SECTIONS = ("optimizer", "scheduler")
+# Sections that must be JSON objects (``.get`` is called on them), with an example of the expected form.
+OBJECT_SECTIONS = {
+    "bf16": '"bf16": {"enabled": true}',
+    "fp16": '"fp16": {"enabled": false}',
+    "zero_optimization": '"zero_optimization": {"stage": 2}',
+}
+# Sub-sections of zero_optimization that must be objects (or null) when present.
+ZERO_OBJECT_SECTIONS = {
+    "offload_optimizer": '"offload_optimizer": {"device": "cpu"}',
+    "offload_param": '"offload_param": {"device": "cpu"}',
+}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -48,7 +59,8 @@ def resolve_ds_config(path: str | Path, cfg: Config, world_size: int, device_typ
     * ``gradient_clipping`` = ``optim.clip_grad`` (``0`` disables clipping). A number written in the JSON must
       equal ``optim.clip_grad``: the training config owns the value, the JSON may only repeat it.
     * ``bf16.enabled`` = True on CUDA devices that support bf16, False elsewhere (CPU runs in fp32).
-    * ``fp16.enabled`` (if present) = False: mixed precision here is bf16 only.
+    * ``fp16.enabled`` (if present) = False: mixed precision here is bf16 only; ``true`` is rejected.
+    * ``bf16``, ``fp16``, ``zero_optimization`` (and its ``offload_optimizer``/``offload_param``) must be objects.
 
     The same rule as for clipping holds for the three batch keys: a number in the JSON must match.
 
@@ -63,13 +75,15 @@ def resolve_ds_config(path: str | Path, cfg: Config, world_size: int, device_typ
 
     Raises:
         ConfigError: unreadable file, an ``optimizer``/``scheduler`` section, a batch size that does not divide,
-            a JSON number contradicting the training config, or an ``"auto"`` this function cannot resolve.
+            a JSON number contradicting the training config, a section that is not an object (``"bf16": true``),
+            ``fp16`` enabled, or an ``"auto"`` this function cannot resolve.
     """
     ds = _read_json(Path(path))
     for section in FORBIDDEN_SECTIONS:
         if section in ds:
             raise ConfigError(f"{path}: remove the {section!r} section; the trainer passes its own AdamW and sets the "
                               "learning rate every step (configure them with optim.* keys)")
+    _check_sections(ds, path)
     for key, value in _batch_values(cfg, world_size).items():
         ds[key] = _fill(ds.get(key, "auto"), value, key, path)
     ds["gradient_clipping"] = _fill(ds.get("gradient_clipping", "auto"), float(cfg.optim.clip_grad),
@@ -77,12 +91,29 @@ def resolve_ds_config(path: str | Path, cfg: Config, world_size: int, device_typ
     bf16 = ds.setdefault("bf16", {"enabled": "auto"})
     if bf16.get("enabled", "auto") == "auto":
         bf16["enabled"] = _bf16_supported(device_type)
-    if "fp16" in ds and ds["fp16"].get("enabled") == "auto":
+    fp16 = ds.get("fp16", {}).get("enabled", False)
+    if fp16 == "auto":
         ds["fp16"]["enabled"] = False
+    elif fp16:
+        raise ConfigError(f"{path}: fp16.enabled={json.dumps(fp16)} is not supported: mixed precision here is bf16 "
+                          "only (no fp16 loss scaling); remove the \"fp16\" section (or set \"fp16\": {\"enabled\": "
+                          "false}) and use \"bf16\": {\"enabled\": \"auto\"}")
     leftover = _find_auto(ds)
     if leftover:
         raise ConfigError(f"{path}: cannot resolve \"auto\" at {', '.join(leftover)}; write explicit values there")
     return ds
+
+
+def _check_sections(ds: dict[str, Any], path: str | Path) -> None:
+    """Reject a ``bf16``/``fp16``/``zero_optimization`` (or offload) section that is not a JSON object."""
+    for key, example in OBJECT_SECTIONS.items():
+        if key in ds and not isinstance(ds[key], dict):
+            raise ConfigError(f"{path}: {key!r} must be a JSON object, e.g. {example}; got {json.dumps(ds[key])}")
+    zero = ds.get("zero_optimization", {})
+    for key, example in ZERO_OBJECT_SECTIONS.items():
+        if zero.get(key) is not None and not isinstance(zero[key], dict):
+            raise ConfigError(f"{path}: 'zero_optimization.{key}' must be a JSON object, e.g. {example}; "
+                              f"got {json.dumps(zero[key])}")
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -156,13 +187,6 @@ def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]
     groups = [(decay, weight_decay), (no_decay, 0.0)]
     return [{"params": [p for _, p in items], "weight_decay": wd, "names": [n for n, _ in items]}
             for items, wd in groups if items]
-
-
-def peak_lr(cfg: Config) -> float:
-    """``optim.lr`` when set, else ``optim.base_lr * optim.global_batch_size / 1024`` (linear scaling rule)."""
-    if cfg.optim.lr is not None:
-        return float(cfg.optim.lr)
-    return cfg.optim.base_lr * cfg.optim.global_batch_size / 1024
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, peak_lr: float, min_lr: float) -> float:

@@ -71,11 +71,18 @@ def _complete(tag_dir: Path) -> Path:
 
 
 def load_run_config(tag_dir: Path) -> Config:
-    """The resolved config of the run that wrote ``tag_dir`` (``<run_dir>/config.yaml``, run_dir = grandparent).
+    """The resolved config that wrote ``tag_dir``: the one in its ``COMPLETE`` marker, else the run's
+    ``config.yaml`` (run_dir = grandparent; a later run in the same directory may have rewritten it).
 
     Raises:
-        ExportError: ``config.yaml`` is missing or invalid.
+        ExportError: no config found, or an invalid one.
     """
+    saved = (read_marker(tag_dir) or {}).get("config")
+    if isinstance(saved, dict):
+        try:
+            return config_from_dict(saved)
+        except ConfigError as e:
+            raise ExportError(f"the config in {str(tag_dir / 'COMPLETE')!r} is not a valid run config: {e}") from e
     path = tag_dir.parent.parent / "config.yaml"
     if not path.is_file():
         raise ExportError(f"{str(path)!r} not found: export needs the run's config.yaml (written by the trainer) to "

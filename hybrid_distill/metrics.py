@@ -218,27 +218,53 @@ class MetricsLogger:
         plot_losses(self.path, self.run_dir / "loss.png")
 
 
+def _parse_rows(path: Path) -> tuple[list[tuple[str, dict[str, Any]]], int]:
+    """``(line, row)`` for every parsable row of a ``metrics.jsonl``, and how many lines were not.
+
+    A line that is not a JSON object with an integer ``step`` (e.g. torn by a node crash or a full disk) is
+    skipped with a warning naming the file and line number.
+    """
+    rows, bad = [], 0
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            int(row["step"])
+        except (ValueError, TypeError, KeyError) as e:  # JSONDecodeError is a ValueError
+            bad += 1
+            log.warning("%s:%d: skipping an unparsable metrics row (%s: %s): %.80s", path, number,
+                        type(e).__name__, e, line)
+            continue
+        rows.append((line, row))
+    return rows, bad
+
+
 def truncate_after(path: Path, step: int) -> None:
-    """Drop the rows of ``metrics.jsonl`` logged after ``step`` (atomically; no-op when there are none)."""
+    """Drop the rows of ``metrics.jsonl`` logged after ``step``, and unparsable (torn) lines (atomically)."""
     if not path.is_file():
         return
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = [line for line in lines if int(json.loads(line)["step"]) <= step]
-    if len(kept) < len(lines):
+    rows, bad = _parse_rows(path)
+    kept = [line for line, row in rows if int(row["step"]) <= step]
+    if len(kept) < len(rows) or bad:
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text("".join(f"{line}\n" for line in kept))
         os.replace(tmp, path)
-        log.info("dropped %d rows after step %d from %s (steps to be trained again)", len(lines) - len(kept), step,
-                 path)
+        if len(kept) < len(rows):
+            log.info("dropped %d rows after step %d from %s (steps to be trained again)", len(rows) - len(kept), step,
+                     path)
+        if bad:
+            log.warning("removed %d unparsable lines from %s", bad, path)
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a ``metrics.jsonl``, one per step (the last row wins for repeated steps), sorted by step."""
+    """Rows of a ``metrics.jsonl``, one per step (the last row wins for repeated steps), sorted by step.
+
+    Unparsable lines (a torn last row) are skipped with a warning.
+    """
     rows: dict[int, dict[str, Any]] = {}
-    for line in Path(path).read_text().splitlines():
-        if line.strip():
-            row = json.loads(line)
-            rows[int(row["step"])] = row
+    for _, row in _parse_rows(Path(path))[0]:
+        rows[int(row["step"])] = row
     return [rows[s] for s in sorted(rows)]
 
 

@@ -95,6 +95,7 @@ class Run:
     step: int = 0
     epoch: int = 0
     nonfinite: int = 0
+    saved_step: int | None = None  # step of the checkpoint last saved or resumed (the weights on disk)
     times: dict[str, float] = field(default_factory=dict)
 
 
@@ -128,20 +129,24 @@ def build_run(cfg: Config, args: argparse.Namespace, env: cluster.DistEnv, devic
               ) -> tuple[Run, Path | None, bool]:
     """Teachers, data, engine; the checkpoint to resume from (or None) and whether it is a universal one."""
     run_dir = Path(cfg.run.output_dir)
+    # Cheap checks first: a bad DeepSpeed JSON or checkpoint fails before teachers and data are loaded.
+    ds_config = engine.resolve_ds_config(args.ds_config, cfg, env.world_size, device.type)
+    resume = checkpoint.resolve_resume(args.resume, run_dir)
+    if resume is not None:
+        check_resume(cfg, ds_config, resume, on_purpose=args.resume != "auto")
+    if env.is_main:  # only now: a refused resume leaves the run's config.yaml as it was
+        save_config(cfg, run_dir / "config.yaml")
+        (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
+    universal = resume is not None and checkpoint.needs_universal(resume, env.world_size)
+    if universal:  # saved by another number of processes: DeepSpeed's universal checkpoint
+        resume = checkpoint.ensure_universal(resume, env.world_size)
+        ds_config["checkpoint"] = {"load_universal": True}
     seed_everything(cfg.run.seed)  # identical student init on every rank
     task = HybridDistillTask(cfg)
     dtype = getattr(torch, cfg.run.teacher_dtype) if device.type == "cuda" else torch.float32
     task.place_teachers(device, dtype)
     loader = build_loader(cfg.data, img_size=cfg.student.img_size, rank=env.rank, world_size=env.world_size,
                           seed=cfg.run.seed, cache_dir=run_dir / "cache")
-    ds_config = engine.resolve_ds_config(args.ds_config, cfg, env.world_size, device.type)
-    resume = checkpoint.resolve_resume(args.resume, run_dir)
-    universal = resume is not None and checkpoint.needs_universal(resume, env.world_size)
-    if universal:  # saved by another number of processes: DeepSpeed's universal checkpoint
-        resume = checkpoint.ensure_universal(resume, env.world_size)
-        ds_config["checkpoint"] = {"load_universal": True}
-    if env.is_main:
-        (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
     eng = engine.build_engine(task.trainable, cfg, ds_config)
     accum = ds_config["gradient_accumulation_steps"]
     steps_per_epoch = max(1, len(loader) // accum)
@@ -152,19 +157,85 @@ def build_run(cfg: Config, args: argparse.Namespace, env: cluster.DistEnv, devic
     return run, resume, universal
 
 
+# Keys that define what is trained: a checkpoint continues only the run that has them. Everything else (length,
+# logging, data location, workers, kernels) may change on resume and is only reported.
+RESUME_FIXED = ("student", "mim_teacher", "feature_teacher", "masking", "loss", "optim.global_batch_size",
+                "data.batch_size", "data.crop_scale", "run.seed")
+RESUME_FREE = ("mim_teacher.weights", "feature_teacher.weights", "loss.relation_impl", "loss.deterministic")
+
+
+def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two ``to_dict`` configs."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b, name = old.get(key), new.get(key), f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += changed_keys(a, b, f"{name}.")
+        elif a != b and not (isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and list(a) == list(b)):
+            out.append(name)
+    return out
+
+
+def _dotted(tree: dict, key: str) -> object:
+    for part in key.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
+
+
+def check_resume(cfg: Config, ds_config: dict, resume: Path, on_purpose: bool) -> None:
+    """Refuse to continue a checkpoint with another recipe or ZeRO stage; report other config changes.
+
+    Raises:
+        ConfigError: ``--resume auto`` found a checkpoint saved with other training-defining keys (a resubmission
+            with changed overrides into the same ``--output-dir``), or the ZeRO stage differs.
+    """
+    marker = checkpoint.read_marker(resume) or {}
+    stage, saved_stage = ds_config.get("zero_optimization", {}).get("stage", 0), marker.get("zero_stage")
+    if saved_stage is not None and int(saved_stage) != int(stage):
+        raise ConfigError(f"{resume} was saved with ZeRO stage {saved_stage} but --ds_config has stage {stage}: resume "
+                          f"with the same stage (e.g. --ds_config ds_configs/zero{saved_stage}.json)")
+    if not isinstance(marker.get("config"), dict):
+        return  # saved before configs were recorded in the marker
+    changed = changed_keys(marker["config"], to_dict(cfg))
+    fixed = [k for k in changed if k.startswith(RESUME_FIXED) and not k.startswith(RESUME_FREE)]
+    if fixed and not on_purpose:
+        diffs = ", ".join(f"{k}: {_dotted(marker['config'], k)!r} -> {_dotted(to_dict(cfg), k)!r}" for k in fixed)
+        raise ConfigError(f"--resume auto found {resume}, saved with another recipe ({diffs}). Resume with the same "
+                          "settings, use another --output-dir for a new run, or pass --resume PATH to continue from "
+                          "that checkpoint with the new settings on purpose")
+    if changed:
+        log.warning("resuming %s with changed config keys: %s", resume, ", ".join(changed))
+
+
 def restore(run: Run, resume: Path, universal: bool) -> None:
     """Load engine state and client state (step, epoch, data position, RNG) from a checkpoint."""
     client = checkpoint.load(run.engine, resume, load_universal=universal)
     run.step, run.epoch = client["step"], client["epoch"]
+    run.saved_step = run.step
     states = client.get("loader_states") or []
     if states:  # another world size: the loaders map rank 0's global position onto the new layout
         run.loader.load_state_dict(states[run.env.rank] if len(states) == run.env.world_size else states[0])
-    checkpoint.restore_rng_states(client)  # False (fresh seeds) on another world size
+    if not checkpoint.restore_rng_states(client):  # another world size: per-rank states do not map
+        seed_everything(run.cfg.run.seed + 1_000_003 * run.step + run.env.rank)
+        log.info("RNG states not restorable on world size %d: reseeded from (seed, step, rank)", run.env.world_size)
     log.info("resumed from %s at step %d (epoch %d)", resume, run.step, run.epoch)
 
 
+def older_checkpoints(tag_dir: Path) -> list[Path]:
+    """Complete checkpoints older than ``tag_dir`` in the same directory, newest first."""
+    step = checkpoint.tag_step(tag_dir.name.removesuffix(checkpoint.UNIVERSAL_SUFFIX)) or 0
+    return [p for p in reversed(checkpoint.complete_checkpoints(tag_dir.parent)) if checkpoint.tag_step(p) < step]
+
+
 def save(run: Run) -> None:
-    """Checkpoint with everything needed to continue exactly: step, epoch, per-rank data position and RNG."""
+    """Checkpoint with everything needed to continue exactly: step, epoch, per-rank data position and RNG.
+
+    Skipped when this step is already on disk (saved, or resumed from, with no update since): re-saving would
+    first delete that checkpoint, and a crash during the save would then lose it.
+    """
+    if run.saved_step == run.step:
+        log.info("checkpoint for step %d already on disk", run.step)
+        return
     client = {
         "step": run.step,
         "epoch": run.epoch,
@@ -172,6 +243,7 @@ def save(run: Run) -> None:
         "loader_states": all_gather_objects(run.loader.state_dict()),
     }
     checkpoint.save(run.engine, run.run_dir / "checkpoints", run.step, client, keep_last=run.cfg.run.keep_last)
+    run.saved_step = run.step
     log.info("saved checkpoint at step %d", run.step)
 
 
@@ -305,7 +377,8 @@ def finish(run: Run) -> None:
     if run.cfg.run.export_at_end and run.env.is_main:
         from hybrid_distill.export import export_student
 
-        out = export_student(run.run_dir, run.run_dir / "export")
+        tag_dir = run.run_dir / "checkpoints" / checkpoint.tag_name(run.step)  # this run's, not the newest
+        out = export_student(tag_dir, run.run_dir / "export")
         log.info("exported the student to %s", out)
 
 
@@ -323,7 +396,6 @@ def main(argv: list[str] | None = None) -> int:
     stop = cluster.StopRequest(stop_file=run_dir / "STOP").install()  # a signal during start-up is not fatal
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
     metrics.setup_logging(run_dir, env.is_main)
     device = pick_device(env)
     init_distributed(device)
@@ -333,7 +405,13 @@ def main(argv: list[str] | None = None) -> int:
         log.error("error: %s", e)
         return EXIT_BAD_INPUT
     if resume is not None:
-        restore(run, resume, universal)
+        try:
+            restore(run, resume, universal)
+        except checkpoint.CheckpointError as e:
+            older = ", ".join(str(p) for p in older_checkpoints(resume)[:3]) or "none"
+            log.error("error: cannot resume: %s\nOlder complete checkpoints: %s. Pass one with --resume PATH (or "
+                      "move the bad one away), or check that --ds_config matches the run's", e, older)
+            return EXIT_BAD_INPUT
     logger = metrics.MetricsLogger(run_dir, cfg.run, env.is_main, run.total_steps, config=to_dict(cfg),
                                    initial_step=run.step)
     log.info("%s | %d steps (%d per epoch), accumulation %d, world size %d", env.describe(), run.total_steps,

@@ -241,3 +241,43 @@ def test_two_process_checkpoint_resumes_on_one(tmp_path, stage):
     assert r["rng_restored"] is False  # per-rank RNG does not carry over a world-size change
     # the next step on 1 process (2 micro-batches accumulated) matches the 2-process step up to summation order
     assert r["after_diff"] < 1e-6, r["worst"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# waiting for rank 0's universal conversion (no collective, no deadline)
+
+
+def test_waiting_ranks_return_once_the_conversion_is_marked_complete(tmp_path):
+    import threading
+
+    out, failed = tmp_path / "step_00000002_universal", tmp_path / "step_00000002_universal.failed"
+    out.mkdir()
+    timer = threading.Timer(0.3, ck.write_marker, args=(out, {"step": 2, "universal": True}))
+    timer.start()
+    ck._wait_for_conversion(out, failed, poll_s=0.02)
+    timer.join()
+    assert ck.read_marker(out)["universal"] is True
+
+
+def test_waiting_ranks_raise_rank_0s_conversion_error(tmp_path):
+    out, failed = tmp_path / "step_00000002_universal", tmp_path / "step_00000002_universal.failed"
+    failed.write_text("ds_to_universal exited 1: bad shard")
+    with pytest.raises(ck.CheckpointError, match="failed on rank 0: ds_to_universal exited 1: bad shard"):
+        ck._wait_for_conversion(out, failed, poll_s=0.02)
+
+
+def _scenario_failed_conversion(tmp: str) -> str:
+    try:
+        ck.ensure_universal(Path(tmp) / "checkpoints" / "step_00000002")
+    except ck.CheckpointError as e:
+        return str(e)
+    return "no error"
+
+
+@pytest.mark.slow
+def test_a_failed_conversion_fails_every_rank(tmp_path):
+    _fake(tmp_path / "checkpoints", 2, world_size=3)  # not a DeepSpeed checkpoint: the converter fails
+    (tmp_path / "checkpoints" / "step_00000002_universal.failed").write_text("stale note of an earlier attempt")
+    errors = run_ranks(_scenario_failed_conversion, world_size=2, tmp=str(tmp_path))
+    assert "universal conversion of" in errors[0] and "failed (exit" in errors[0]
+    assert "failed on rank 0" in errors[1] and "stale note" not in errors[1]

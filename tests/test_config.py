@@ -58,7 +58,7 @@ def test_defaults_match_the_design():
 @pytest.mark.parametrize(
     "override, key, expected",
     [
-        ("optim.base_lr=3e-4", "optim.base_lr", 3e-4),
+        ("optim.base_lr=3e-2", "optim.base_lr", 3e-2),  # 3e-4 would put tiny's peak lr below its min_lr
         ("optim.base_lr=1", "optim.base_lr", 1.0),
         ("run.max_steps=10", "run.max_steps", 10),
         ("run.max_steps=none", "run.max_steps", None),
@@ -159,11 +159,50 @@ def test_bad_choice_names_the_key_and_the_valid_choices(override, key, choices):
         # open_clip would silently build random weights: weights=pretrained needs the tag to download
         (["feature_teacher.library=open_clip", "feature_teacher.model=ViT-B-16", "feature_teacher.weights=pretrained"],
          "feature_teacher.pretrained_tag"),
+        (["run.log_every=0"], "run.log_every"),  # ZeroDivisionError in the training loop
+        (["run.max_nonfinite=0"], "run.max_nonfinite"),
+        (["run.max_steps=0"], "run.max_steps"),  # was silently treated as unset
+        (["run.max_steps=-3"], "run.max_steps"),
+        (["optim.warmup_epochs=-1"], "optim.warmup_epochs"),
+        (["optim.min_lr=-1e-6"], "optim.min_lr"),
+        (["optim.min_lr=0.01"], "optim.min_lr"),  # above tiny's peak lr 1.5e-3
+        (["optim.base_lr=1e-6"], "optim.min_lr"),  # scaled peak 1.6e-8 falls below min_lr 1e-5
+        (["optim.lr=1e-4", "optim.min_lr=2e-4"], "optim.min_lr"),  # above an explicit lr
+        (["optim.base_lr=0"], "optim.base_lr"),
+        (["optim.lr=-1e-4"], "optim.lr"),
+        (["optim.weight_decay=-0.05"], "optim.weight_decay"),
+        (["optim.betas=0.9,1.0"], "optim.betas"),
+        (["optim.eps=0"], "optim.eps"),
+        (["optim.clip_grad=-1"], "optim.clip_grad"),
+        (["data.num_workers=-1"], "data.num_workers"),
+        (["data.synthetic_size=0"], "data.synthetic_size"),
+        (["data.num_samples=0"], "data.num_samples"),
+        (["data.shuffle_buffer=-1"], "data.shuffle_buffer"),
     ],
 )
 def test_invalid_combinations_are_rejected(overrides, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(preset="tiny", overrides=overrides)
+
+
+def test_range_limits_themselves_are_accepted():
+    cfg = load_config(preset="tiny", overrides=["run.log_every=1", "run.max_nonfinite=1", "run.max_steps=1",
+                                                "optim.warmup_epochs=0", "optim.lr=1e-4", "optim.min_lr=1e-4",
+                                                "data.num_workers=0", "optim.clip_grad=0", "data.shuffle_buffer=0"])
+    assert cfg.run.max_steps == 1 and cfg.optim.min_lr == cfg.optim.lr == 1e-4
+    assert load_config(preset="tiny", overrides=["optim.min_lr=0"]).optim.min_lr == 0.0
+
+
+def test_min_lr_error_shows_the_peak_lr_and_where_it_comes_from():
+    with pytest.raises(ConfigError) as e:
+        load_config(preset="tiny", overrides=["optim.min_lr=0.01"])
+    assert "[0, 0.0015]" in str(e.value) and "optim.base_lr x optim.global_batch_size / 1024" in str(e.value)
+
+
+def test_peak_lr_has_one_definition():
+    from hybrid_distill import config, engine
+
+    assert engine.peak_lr is config.peak_lr
 
 
 def test_global_batch_multiple_of_micro_batch_is_accepted():

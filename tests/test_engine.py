@@ -108,6 +108,40 @@ def test_omitted_keys_are_filled_and_explicit_bf16_kept(tmp_path):
     assert ds["train_batch_size"] == 2
 
 
+@pytest.mark.parametrize(
+    "data, key, example",
+    [
+        ({"bf16": True}, "'bf16'", '"bf16": {"enabled": true}'),
+        ({"bf16": None}, "'bf16'", '"bf16": {"enabled": true}'),
+        ({"fp16": False}, "'fp16'", '"fp16": {"enabled": false}'),
+        ({"zero_optimization": 2}, "'zero_optimization'", '"zero_optimization": {"stage": 2}'),
+        ({"zero_optimization": {"stage": 3, "offload_optimizer": "cpu"}}, "'zero_optimization.offload_optimizer'",
+         '"offload_optimizer": {"device": "cpu"}'),
+        ({"zero_optimization": {"stage": 3, "offload_param": True}}, "'zero_optimization.offload_param'",
+         '"offload_param": {"device": "cpu"}'),
+    ],
+)
+def test_section_that_is_not_an_object_names_the_key_and_the_expected_form(tmp_path, data, key, example):
+    with pytest.raises(ConfigError) as err:
+        resolve_ds_config(_write(tmp_path, data), tiny_config(), 1, "cpu")
+    message = str(err.value)
+    assert "ds.json" in message and f"{key} must be a JSON object" in message and example in message
+
+
+@pytest.mark.parametrize("enabled", [True, 1])
+def test_fp16_enabled_is_rejected_pointing_to_bf16(tmp_path, enabled):
+    """The trainer is bf16 only (no fp16 loss scaling): ``"fp16": {"enabled": true}`` is an error, not ignored."""
+    with pytest.raises(ConfigError, match=r"ds\.json: fp16\.enabled=(true|1) is not supported.*bf16"):
+        resolve_ds_config(_write(tmp_path, {"fp16": {"enabled": enabled}}), tiny_config(), 1, "cpu")
+
+
+@pytest.mark.parametrize("enabled", ["auto", False])
+def test_fp16_auto_or_false_resolves_to_disabled(tmp_path, enabled):
+    ds = resolve_ds_config(_write(tmp_path, {"fp16": {"enabled": enabled}, "zero_optimization": {"stage": 2,
+                           "offload_optimizer": None}}), tiny_config(), 1, "cpu")
+    assert ds["fp16"]["enabled"] is False and ds["bf16"]["enabled"] is False
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # param_groups
 

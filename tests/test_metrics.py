@@ -119,6 +119,44 @@ def test_read_metrics_last_row_wins_for_a_repeated_step(tmp_path):
     assert read_metrics(tmp_path / "metrics.jsonl") == [rows[0], rows[2]]
 
 
+TORN = '{"step": 7, "feature_loss": 0.12'  # the last row of a job killed mid-write (node crash, full disk)
+
+
+def _write_torn_metrics(path, steps):
+    rows = [{"step": s, "loss": 1.0 / s} for s in steps]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + TORN)  # no newline after the torn row
+    return rows
+
+
+def test_resume_drops_a_torn_last_line_and_appends_cleanly(tmp_path, caplog):
+    path = tmp_path / "metrics.jsonl"
+    rows = _write_torn_metrics(path, range(1, 7))
+    with caplog.at_level(logging.WARNING, logger=LOGGER_NAME):
+        logger = MetricsLogger(tmp_path, RunConfig(tensorboard=False), is_main=True, total_steps=8, initial_step=4)
+    assert f"{path}:7" in caplog.text  # names the file and the line number
+    assert [json.loads(line) for line in path.read_text().splitlines()] == rows[:4]  # rows 5, 6 and the torn one gone
+    logger.log(5, {"loss": 0.5})
+    logger.close()
+    lines = path.read_text().splitlines()
+    assert [json.loads(line) for line in lines] == [*rows[:4], {"step": 5, "loss": 0.5}]  # every line parses
+    assert read_metrics(path) == [json.loads(line) for line in lines]
+
+
+def test_resume_after_the_last_good_row_still_removes_the_torn_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    rows = _write_torn_metrics(path, range(1, 4))
+    MetricsLogger(tmp_path, RunConfig(tensorboard=False), is_main=True, total_steps=8, initial_step=6).close()
+    assert path.read_text() == "".join(json.dumps(r) + "\n" for r in rows)
+
+
+def test_read_metrics_skips_a_torn_line_with_a_warning(tmp_path, caplog):
+    path = tmp_path / "metrics.jsonl"
+    rows = _write_torn_metrics(path, (1, 2, 3))
+    with caplog.at_level(logging.WARNING, logger=LOGGER_NAME):
+        assert read_metrics(path) == rows
+    assert f"{path}:4" in caplog.text and "unparsable" in caplog.text
+
+
 def test_setup_logging_main_and_other_ranks(tmp_path, capsys):
     log = setup_logging(tmp_path, is_main=True, rank=0)
     setup_logging(tmp_path, is_main=True, rank=0)  # idempotent: no duplicated handlers

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -170,3 +171,57 @@ def test_non_finite_losses_save_and_stop_with_a_clear_message(tmp_path):
     _ok(result, code=3)
     assert "non-finite" in result.stderr
     assert any((out / "checkpoints").glob("step_*/COMPLETE"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# resuming into a run directory that does not fit
+
+
+def _copy_run(single_run: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "copy"
+    shutil.copytree(single_run, out, ignore=shutil.ignore_patterns("*_universal"))
+    return out
+
+
+@pytest.mark.slow
+def test_resume_auto_refuses_another_recipe_and_keeps_the_runs_config(single_run, tmp_path):
+    """A resubmission with changed overrides into the same --output-dir must not silently continue the old run."""
+    out = _copy_run(single_run, tmp_path)
+    before = (out / "config.yaml").read_text()
+    result = launch(out, *TINY, "run.max_steps=10", "masking.drop_ratio=0.5", "student.depth=5")
+    _ok(result, code=2)
+    assert "masking.drop_ratio: 0.3 -> 0.5" in result.stderr and "student.depth: 6 -> 5" in result.stderr
+    assert "--resume PATH" in result.stderr and "--output-dir" in result.stderr
+    assert (out / "config.yaml").read_text() == before
+
+
+@pytest.mark.slow
+def test_resume_on_purpose_with_a_new_recipe_warns_and_exports_its_own_checkpoint(single_run, tmp_path):
+    """--resume PATH continues an older checkpoint with changed keys (warned); the end-of-run export is the
+    checkpoint this run saved (step 5), not the newest one in the directory (step 8)."""
+    out = _copy_run(single_run, tmp_path)
+    old = out / "checkpoints" / "step_00000004"
+    result = launch(out, *TINY, "run.max_steps=5", "masking.drop_ratio=0.5", "--resume", str(old))
+    _ok(result)
+    assert "changed config keys: masking.drop_ratio" in result.stderr
+    info = json.loads((out / "export" / "export.json").read_text())
+    assert info["step"] == 5 and info["source"].endswith("step_00000005")
+
+
+@pytest.mark.slow
+def test_unloadable_checkpoint_exits_2_naming_the_older_ones(single_run, tmp_path):
+    out = _copy_run(single_run, tmp_path)
+    shard = next((out / "checkpoints" / "step_00000008").glob("*optim_states.pt"))
+    shard.write_bytes(shard.read_bytes()[:1000])  # torn by a crash after the marker was written
+    result = launch(out, *TINY, "run.max_steps=10")
+    _ok(result, code=2)
+    assert "cannot resume" in result.stderr and "step_00000008" in result.stderr
+    assert str(out / "checkpoints" / "step_00000004") in result.stderr  # the older complete checkpoint to use
+
+
+@pytest.mark.slow
+def test_resume_with_another_zero_stage_names_the_matching_ds_config(single_run, tmp_path):
+    out = _copy_run(single_run, tmp_path)
+    result = launch(out, *TINY, "run.max_steps=10", ds="ds_configs/zero3.json")
+    _ok(result, code=2)
+    assert "ZeRO stage 2" in result.stderr and "ds_configs/zero2.json" in result.stderr
