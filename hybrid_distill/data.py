@@ -434,18 +434,39 @@ class _StreamDataset(IterableDataset):
         self.batch_size, self.rank = batch_size, rank
         self.epoch = 0
         self.resume: dict[str, dict] = {}
+        self.quotas: list[int] = [0]  # batches per worker this epoch (see worker_quotas)
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         wid = info.id if info is not None else 0
         state = self.resume.get(str(wid), {})
-        passes, n = int(state.get("pass", 0)), int(state.get("n", 0))
+        left = self.quotas[wid] - int(state.get("delivered", 0))
+        if left <= 0:
+            return
+        yield from self._batches(wid, state, left)
+
+    def _examples(self, wid: int, n: int) -> Iterator[dict]:
+        """The ``datasets`` iterator, its own failures (not the image's: those are skipped) named for the user."""
+        iterator = iter(self.hf)
+        while True:
+            try:
+                example = next(iterator)
+            except StopIteration:
+                return
+            except Exception as error:  # noqa: BLE001 - re-raised with the source and position
+                _reraise_reader_error(self.name, wid, self.rank, n, error)
+            n += 1
+            yield example
+
+    def _batches(self, wid: int, state: dict, left: int) -> Iterator[dict]:
+        """This worker's next ``left`` batches; it starts another pass over its shards when they run out."""
+        passes, n, delivered = int(state.get("pass", 0)), int(state.get("n", 0)), int(state.get("delivered", 0))
         self.hf.load_state_dict(state["hf"] if "hf" in state else None)
         resumed, bad_run = "hf" in state, 0
         batch = _BatchBuilder(self.batch_size, self.aug.size)
         while True:
             empty = True
-            for example in self.hf:
+            for example in self._examples(wid, n):
                 empty = False
                 payload, label, key = self.columns.extract(example, f"{self.name}#r{self.rank}w{wid}:{n}")
                 rng = sample_rng(self.aug.seed, self.epoch, n, salt=1 + self.rank * 4096 + wid)
@@ -461,14 +482,44 @@ class _StreamDataset(IterableDataset):
                         raise RuntimeError(f"{bad_run} undecodable samples in a row in {self.name} (last: "
                                            f"{batch.bad[-1]}); is data.source pointing at images?") from error
                 if batch.full:
-                    out = batch.finish()
-                    out["state"] = {"wid": wid, "hf": self.hf.state_dict(), "pass": passes, "n": n}
+                    out, delivered = batch.finish(), delivered + 1
+                    out["state"] = {"wid": wid, "hf": self.hf.state_dict(), "pass": passes, "n": n,
+                                    "delivered": delivered}
                     yield out
+                    if delivered >= self.quotas[wid]:
+                        return
                     batch = _BatchBuilder(self.batch_size, self.aug.size)
             if empty and not resumed:
                 return  # this worker has no shards (more workers than shards)
             passes, resumed = passes + 1, False
             self.hf.load_state_dict(None)  # wrap around: another pass over this worker's shards
+
+
+def _reraise_reader_error(name: str, wid: int, rank: int, n: int, error: Exception) -> None:
+    raise RuntimeError(f"{name}: the datasets reader failed after example {n} of rank {rank} worker {wid} "
+                       f"({type(error).__name__}: {error}). This is outside the image decoding (e.g. a damaged .cls or "
+                       ".json member in a tar shard), which datasets converts while iterating; repair or drop that "
+                       "shard, then resume") from error
+
+
+def worker_quotas(count: int, shards: int, workers: int) -> list[int]:
+    """Batches each DataLoader worker delivers in an epoch of ``count`` batches: in proportion to its shards.
+
+    ``datasets`` deals a rank's ``shards`` to its ``workers`` round-robin, and the DataLoader takes batches from
+    the workers in turn until each one stops. Were every worker to deliver ``count / workers`` batches, one with
+    fewer shards would wrap around and re-read samples while the last samples of the others were never reached.
+    With quotas proportional to the shards each worker reads (equal-sized shards assumed), one epoch reads every
+    sample once; and since each worker counts its own batches, resuming does not depend on the turn order.
+    """
+    workers = max(1, workers)
+    owned = [len(range(w, shards, workers)) for w in range(workers)]
+    total = sum(owned)
+    if total == 0:
+        return [count] + [0] * (workers - 1)
+    quotas = [count * o // total for o in owned]
+    for w in sorted(range(workers), key=lambda w: -(count * owned[w] % total))[: count - sum(quotas)]:
+        quotas[w] += 1  # the remainder to the largest fractional shares
+    return quotas
 
 
 def _reshard_if_useful(hf: Any, readers: int) -> Any:
@@ -527,6 +578,8 @@ class StreamLoader(ImageLoader):
         self._dataset.epoch = epoch
         self._dataset.hf.set_epoch(epoch)
         self._dataset.resume = dict(self._worker_states)
+        rank_shards = self.num_shards // self.world_size if self.split_by == "shards" else self.num_shards
+        self._dataset.quotas = worker_quotas(count, rank_shards, self.cfg.num_workers)
         loader = DataLoader(self._dataset, batch_size=None, **self._dataloader_kwargs())
         iterator = iter(loader)
         try:

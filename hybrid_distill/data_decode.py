@@ -88,7 +88,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
         return img
     if img.mode.startswith("I") or img.mode == "F":
         arr = np.asarray(img).astype(np.float64)
-        if arr.max(initial=0) > 255:
+        if img.mode.startswith("I;16") or arr.max(initial=0) > 255:  # 16-bit by mode, even when dark
             arr = arr / 257.0
         return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).convert("RGB")
     if img.mode in _ALPHA_MODES or (img.mode == "P" and "transparency" in img.info):

@@ -85,6 +85,8 @@ def load_folder_index(root: str | Path, cache_dir: str | Path, threads: int = 32
     """
     root = Path(root).resolve()
     class_dirs = _class_dirs(root)
+    if class_dirs:
+        _warn_loose_images(root, class_dirs)
     index_dir = Path(cache_dir) / f"folder_index-{_fingerprint(root, class_dirs)}"
     if not (index_dir / "done").exists():
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
@@ -96,6 +98,16 @@ def load_folder_index(root: str | Path, cache_dir: str | Path, threads: int = 32
         raise FileNotFoundError(f"data.source folder {str(root)!r} holds no image files "
                                 f"(extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})")
     return index
+
+
+def _warn_loose_images(root: Path, class_dirs: list[str]) -> None:
+    """Class layout: images directly in ``root`` are not part of any class and are not read; say so."""
+    with os.scandir(root) as entries:
+        loose = sum(1 for e in entries if e.is_file() and os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS)
+    if loose:
+        logger.warning("data.source folder %s has class subdirectories (%s), so its %d image files at the top level "
+                       "are ignored; put every image in a class directory, or use a folder without subdirectories",
+                       root, ", ".join(class_dirs[:3]) + (", ..." if len(class_dirs) > 3 else ""), loose)
 
 
 def _class_dirs(root: Path) -> list[str]:

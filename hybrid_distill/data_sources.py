@@ -269,18 +269,26 @@ def expand_shards(pattern: str) -> list[str]:
     """Expand braces (``{000..099}``, ``{a,b}``) then globs; remote URLs are kept as they are.
 
     Raises:
-        FileNotFoundError: naming ``data.source`` when nothing matches.
+        FileNotFoundError: naming ``data.source`` when nothing matches, or when a shard the pattern names
+            explicitly (a brace-expanded name) or a glob within it matches no file: a half-copied dataset or a
+            wrong range must not train silently on part of the data.
     """
     files: list[str] = []
+    missing: list[str] = []
     for item in expand_braces(pattern):
         if "://" in item:
             files.append(item)
-        elif glob.has_magic(item):
-            files.extend(sorted(glob.glob(os.path.expanduser(item))))
-        elif Path(os.path.expanduser(item)).is_file():
-            files.append(os.path.expanduser(item))
+            continue
+        path = os.path.expanduser(item)
+        found = sorted(glob.glob(path)) if glob.has_magic(item) else [path] if Path(path).is_file() else []
+        files.extend(found)
+        if not found:
+            missing.append(item)
     if not files:
         raise FileNotFoundError(f"data.source=wds:{pattern}: no tar shard matches {pattern!r}")
+    if missing:
+        raise FileNotFoundError(f"data.source=wds:{pattern}: {len(missing)} of the named shards do not exist, e.g. "
+                                f"{', '.join(missing[:3])}; fix the range or finish copying the shards")
     return list(dict.fromkeys(files))
 
 

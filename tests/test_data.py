@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from hybrid_distill.config import DataConfig
-from hybrid_distill.data import build_loader
+from hybrid_distill.data import build_loader, worker_quotas
 from hybrid_distill.data_decode import JpegDecoder, sample_rng
 from hybrid_distill.data_sources import expand_braces, parse_source
 
@@ -101,6 +101,26 @@ def test_missing_paths_name_the_source(tmp_path):
         with pytest.raises(FileNotFoundError, match="data.source") as info:
             build_loader(make_cfg(source), img_size=SIZE, cache_dir=tmp_path)
         assert "nope" in str(info.value) or "shard" in str(info.value) or "x.parquet" in str(info.value)
+
+
+def test_a_missing_shard_in_the_pattern_is_an_error_naming_it(tmp_path):
+    source = write_shards(tmp_path / "wds", n=24, shards=4)
+    (tmp_path / "wds" / "shard-002.tar").unlink()  # a half-finished copy
+    with pytest.raises(FileNotFoundError, match=r"data\.source.*1 of the named shards.*shard-002\.tar"):
+        build_loader(make_cfg(source, streaming=True, num_samples=24), img_size=SIZE)
+
+
+def test_loose_images_next_to_class_folders_are_reported(tmp_path, caplog):
+    (tmp_path / "imgs" / "cat").mkdir(parents=True)
+    for i in range(3):
+        (tmp_path / "imgs" / "cat" / f"{i}.jpg").write_bytes(encode(i))
+    for i in range(2):
+        (tmp_path / "imgs" / f"loose{i}.jpg").write_bytes(encode(i))
+    with caplog.at_level("WARNING", logger="hybrid_distill.data"):
+        loader = build_loader(make_cfg(f"folder:{tmp_path / 'imgs'}", batch_size=1), img_size=SIZE,
+                              cache_dir=tmp_path / "cache")
+    assert loader.dataset_size == 3
+    assert "2 image files at the top level are ignored" in caplog.text
 
 
 def test_brace_expansion():
@@ -210,6 +230,44 @@ def test_streaming_two_ranks_two_workers_by_shards(tmp_path):
     assert [ld.split_by for ld in loaders] == ["shards", "shards"]
     labels = [int(v) for ld in loaders for b in ld for v in b["labels"]]
     assert sorted(labels) == list(range(24))
+
+
+def test_worker_quotas_follow_the_shards_each_worker_reads():
+    assert worker_quotas(15, shards=3, workers=2) == [10, 5]  # shards dealt round-robin: 2 and 1
+    assert worker_quotas(30, shards=6, workers=4) == [10, 10, 5, 5]
+    assert worker_quotas(8, shards=3, workers=2) == [5, 3]  # 5.33 / 2.67: the remainder to the larger fraction
+    assert worker_quotas(10, shards=1, workers=3) == [10, 0, 0]  # idle workers deliver nothing
+    assert worker_quotas(7, shards=5, workers=0) == [7]  # no workers: the main process reads everything
+    for count in range(0, 40):
+        for shards in range(1, 9):
+            for workers in range(1, 5):
+                assert sum(worker_quotas(count, shards, workers)) == count
+
+
+def test_streaming_workers_with_unequal_shard_shares_read_every_sample_once(tmp_path):
+    """6 shards on 4 workers (2, 2, 1, 1 shards): equal batch counts per worker would re-read some samples and
+    never reach others; quotas in proportion to the shards read each sample exactly once."""
+    source = write_shards(tmp_path / "wds", n=36, shards=6)
+    cfg = make_cfg(source, streaming=True, num_samples=36, batch_size=3, num_workers=4, shuffle_buffer=2)
+    labels = labels_of(collect(cfg))
+    assert sorted(labels) == list(range(36))
+
+
+def test_streaming_resume_after_an_odd_batch_count_repeats_nothing(tmp_path):
+    """With 2 workers the DataLoader alternates between them; stopping after 3 batches must not shift the turn
+    order of the resumed run (each worker counts its own batches). Buffer 1: nothing is lost to the buffer."""
+    source = write_shards(tmp_path / "wds", n=24, shards=4)
+    cfg = make_cfg(source, streaming=True, num_samples=24, batch_size=3, num_workers=2, shuffle_buffer=1)
+    loader = build_loader(cfg, img_size=SIZE)
+    before = []
+    for k, batch in enumerate(loader):
+        before += batch["labels"].tolist()
+        if k == 2:
+            break
+    resumed = build_loader(cfg, img_size=SIZE)
+    resumed.load_state_dict(loader.state_dict())
+    after = labels_of(list(resumed))
+    assert sorted(before + after) == list(range(24))
 
 
 def test_drop_last_gives_every_rank_the_same_batch_count():

@@ -40,6 +40,7 @@ def odd_images() -> dict[str, bytes]:
     transparent.putpalette(list(RED) + [0, 0, 0] * 255)
     transparent.info["transparency"] = 1  # palette entry 1 (black) is fully transparent -> white
     sixteen = Image.fromarray(np.full((20, 20), 50000, np.uint16))  # 16-bit gray -> 194
+    dark16 = Image.fromarray(np.full((20, 20), 200, np.uint16))  # 16-bit, nearly black: 200/257 -> 1, not 200
     return {
         "rgb.jpg": jpeg_bytes(Image.new("RGB", (30, 20), RED)),
         "cmyk.jpg": jpeg_bytes(Image.new("CMYK", (30, 20), (0, 235, 235, 25))),
@@ -51,13 +52,15 @@ def odd_images() -> dict[str, bytes]:
         "rgba_clear.png": png_bytes(Image.new("RGBA", (20, 20), (0, 0, 0, 0))),
         "la.png": png_bytes(Image.new("LA", (20, 20), (0, 0))),
         "gray16.png": png_bytes(sixteen),
+        "gray16_dark.png": png_bytes(dark16),
         "tiny.png": png_bytes(Image.new("RGB", (1, 1), RED)),
         "huge.jpg": jpeg_bytes(Image.new("RGB", (4000, 3000), RED), quality=50),
     }
 
 
 EXPECTED_MEAN = {"gray.jpg": (128, 128, 128), "palette_transparent.png": (255, 255, 255),
-                 "rgba_clear.png": (255, 255, 255), "la.png": (255, 255, 255), "gray16.png": (194, 194, 194)}
+                 "rgba_clear.png": (255, 255, 255), "la.png": (255, 255, 255), "gray16.png": (194, 194, 194),
+                 "gray16_dark.png": (1, 1, 1)}
 
 
 def broken_images() -> dict[str, bytes]:
