@@ -23,7 +23,7 @@ Preemption: SLURM sends SIGUSR1 (``--signal``) or SIGTERM (preemption, ``scancel
 deepspeed-launcher variant cannot pass SIGUSR1 through the launcher, so its batch shell creates a stop file
 (``HD_STOP_FILE``) instead. ``StopRequest`` only records the request; ``should_stop`` makes every rank agree.
 
-Also a small CLI for the sbatch scripts: ``python -m hybrid_distill.cluster master-addr`` and
+Also a small CLI for the sbatch scripts: ``python -m hybrid_distill.cluster master-addr`` (``master-port``) and
 ``python -m hybrid_distill.cluster hostfile --slots N --out FILE``.
 """
 
@@ -44,7 +44,9 @@ from typing import Any
 
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: "stopped on request after a checkpoint; requeue me"
 DEFAULT_DIST_TIMEOUT_S = 600.0
-PORT_BASE, PORT_SPAN = 20000, 20000  # MASTER_PORT = PORT_BASE + job_id % PORT_SPAN
+# MASTER_PORT = PORT_BASE + job_id % PORT_SPAN: 12000-31999, below Linux's ephemeral range (32768-60999), where
+# any outgoing connection on the first node may already hold the port.
+PORT_BASE, PORT_SPAN = 12000, 20000
 STOP_FILE_ENV = "HD_STOP_FILE"
 STOPPED_FILE_ENV = "HD_STOPPED_FILE"
 DIST_TIMEOUT_ENV = "HD_DIST_TIMEOUT_S"
@@ -139,6 +141,29 @@ def parse_node_addr(scontrol_output: str) -> str | None:
 def job_port(job_id: int | str) -> int:
     """The per-job rendezvous port: every task of a job computes the same one, jobs rarely collide."""
     return PORT_BASE + int(job_id) % PORT_SPAN
+
+
+def worker_signal_guard(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: a worker ignores SIGTERM unless its parent (the rank) sends it.
+
+    SLURM signals every process of a job step on preemption, ``scancel`` or the time limit, and the deepspeed
+    launcher signals a rank's children too. PyTorch's workers die on a SIGTERM that is not their parent's, and
+    the rank then fails at once ("DataLoader worker ... is killed by signal: Terminated") instead of reaching
+    the step boundary where ``StopRequest`` checkpoints. Here SIGTERM is blocked in the worker and a daemon thread
+    takes it: from the parent (multiprocessing's shutdown of daemon workers) it exits the worker; from anyone else
+    it is dropped, and the worker keeps serving the rank until the rank stops it.
+    """
+    import threading
+
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+    def take_sigterm() -> None:
+        while True:
+            info = signal.sigwaitinfo({signal.SIGTERM})
+            if info.si_pid == os.getppid():
+                os._exit(0)
+
+    threading.Thread(target=take_sigterm, name=f"sigterm-guard-{worker_id}", daemon=True).start()
 
 
 def free_port() -> int:
@@ -401,16 +426,21 @@ def write_hostfile(hosts: Iterable[str], slots: int, out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``master-addr``: print the rendezvous address of this job; ``hostfile``: write the DeepSpeed hostfile."""
+    """``master-addr`` / ``master-port``: print this job's rendezvous address / port; ``hostfile``: write the
+    DeepSpeed hostfile."""
     parser = argparse.ArgumentParser(prog="python -m hybrid_distill.cluster", description=main.__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("master-addr", help="NodeAddr of the job's first node (else its name)")
+    sub.add_parser("master-port", help="the job's rendezvous port (from SLURM_JOB_ID)")
     host = sub.add_parser("hostfile", help="DeepSpeed hostfile from SLURM_JOB_NODELIST")
     host.add_argument("--slots", type=int, required=True, help="processes (GPUs) per node")
     host.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     if args.cmd == "master-addr":
         print(slurm_master_addr(os.environ))
+        return 0
+    if args.cmd == "master-port":
+        print(job_port(os.environ.get("SLURM_JOB_ID", "0")))
         return 0
     hosts = expand_nodelist(os.environ.get("SLURM_JOB_NODELIST", "")) or [socket.gethostname()]
     write_hostfile(hosts, args.slots, args.out)

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from hybrid_distill.cluster import worker_signal_guard
 from hybrid_distill.config import DataConfig
 from hybrid_distill.data_decode import JpegDecoder, Payload, crop_params, decode_crop, probe_jpeg, sample_rng
 from hybrid_distill.data_sources import (
@@ -264,7 +265,8 @@ class ImageLoader:
     def _dataloader_kwargs(self) -> dict:
         workers = self.cfg.num_workers
         return {"num_workers": workers, "collate_fn": _identity, "pin_memory": self._pin,
-                "prefetch_factor": 2 if workers else None}
+                "prefetch_factor": 2 if workers else None,
+                "worker_init_fn": worker_signal_guard if workers else None}  # preemption SIGTERM reaches the rank
 
     def _common_state(self) -> dict:
         return {"epoch": self.epoch, "batches": self._batches, "rank": self.rank, "world_size": self.world_size,

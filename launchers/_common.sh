@@ -7,7 +7,7 @@
 #   HD_LAUNCH          training entry point (default: $HD_REPO/launch.py)
 #   HD_DS_CONFIG       DeepSpeed JSON used when the arguments have no --ds_config (default: ds_configs/zero2.json)
 #   HD_LOG_DIR         per-task logs, stop/requeue marker files (default: $HD_REPO/logs; must be on a shared FS)
-#   HD_GPUS_PER_NODE   processes per node (default: SLURM_NTASKS_PER_NODE / SLURM_GPUS_ON_NODE / nvidia-smi)
+#   HD_GPUS_PER_NODE   processes per node (default: SLURM_GPUS_ON_NODE / CUDA_VISIBLE_DEVICES / nvidia-smi / 1)
 #   HD_ACCELERATOR     "cpu" runs on CPU: DS_ACCELERATOR=cpu, gloo (tests, debugging); default: cuda/NCCL
 #   HD_MAX_REQUEUES    stop requeueing after this many restarts (default 50)
 #   HD_DIST_TIMEOUT_S  process-group timeout in seconds (default 600): a dead rank makes the rest fail, not hang
@@ -30,6 +30,11 @@ hd_setup_env() {
     # export NCCL_IB_HCA=mlx5                # InfiniBand adapters to use
     # export GLOO_SOCKET_IFNAME=ib0          # the same for gloo (CPU runs)
     export HD_DIST_TIMEOUT_S="${HD_DIST_TIMEOUT_S:-600}"
+    # Slurm >= 22.05: srun no longer inherits --cpus-per-task from the job; without this, CPU binding may pin all
+    # of a task's threads and data workers to one core.
+    if [[ -n "${SLURM_CPUS_PER_TASK:-}" ]]; then
+        export SRUN_CPUS_PER_TASK="${SRUN_CPUS_PER_TASK:-$SLURM_CPUS_PER_TASK}"
+    fi
     # Unbuffered output so SLURM logs are live; Python stack dumps on fatal signals (segfault, abort).
     export PYTHONUNBUFFERED=1
     export PYTHONFAULTHANDLER=1
@@ -65,7 +70,11 @@ hd_gpus_per_node() {
         echo "$HD_GPUS_PER_NODE"
     elif [[ -n "${SLURM_GPUS_ON_NODE:-}" && "${SLURM_GPUS_ON_NODE}" != 0 ]]; then
         echo "$SLURM_GPUS_ON_NODE"
-    elif command -v nvidia-smi >/dev/null 2>&1; then
+    elif [[ -n "${CUDA_VISIBLE_DEVICES:-}" ]]; then
+        local ids
+        IFS=, read -r -a ids <<< "$CUDA_VISIBLE_DEVICES"
+        echo "${#ids[@]}"
+    elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
         nvidia-smi -L | wc -l
     else
         echo 1
@@ -85,6 +94,10 @@ hd_slurm_setup() {
     # Written by rank 0 when all ranks agreed to stop (hybrid_distill.cluster.StopRequest).
     export HD_STOPPED_FILE="${HD_STOPPED_FILE:-$HD_LOG_DIR/$run.stopped}"
     rm -f "$HD_STOP_FILE" "$HD_STOPPED_FILE"
+    # From here on a stop request during start-up (B:USR1 before the training step exists) becomes the stop file
+    # the ranks see at their first step, instead of killing this shell.
+    trap 'hd_request_stop USR1' USR1
+    trap 'hd_request_stop TERM' TERM
     HD_TASK_LOG_PREFIX="$HD_LOG_DIR/$run"
     hd_setup_env
     hd_build_args "$@"
@@ -95,7 +108,7 @@ hd_slurm_setup() {
 # Master address/port shared by every rank of the job: NodeAddr of the first node, port from the job id.
 hd_master() {
     export MASTER_ADDR="${MASTER_ADDR:-$("$HD_PYTHON" -m hybrid_distill.cluster master-addr)}"
-    export MASTER_PORT="${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"
+    export MASTER_PORT="${MASTER_PORT:-$("$HD_PYTHON" -m hybrid_distill.cluster master-port)}"
     hd_log "rendezvous ${MASTER_ADDR}:${MASTER_PORT}"
 }
 
@@ -153,11 +166,15 @@ hd_finish() {
     fi
     if (( rc == 75 || stopped )); then
         if (( ${SLURM_RESTART_COUNT:-0} >= ${HD_MAX_REQUEUES:-50} )); then
-            hd_log "stopped (exit $rc) but already restarted ${SLURM_RESTART_COUNT} times; not requeueing"
+            hd_log "stopped (exit $rc) but already restarted ${SLURM_RESTART_COUNT:-0} times; not requeueing"
             exit "$rc"
         fi
         hd_log "stopped on request (exit $rc; ${reason:-no agreed-stop marker}): requeueing job ${SLURM_JOB_ID}"
-        scontrol requeue "$SLURM_JOB_ID"
+        if ! scontrol requeue "$SLURM_JOB_ID"; then
+            hd_log "scontrol requeue FAILED (see above); the checkpoint is saved: submit the same command again" \
+                "with the same --output-dir to resume"
+            exit "$rc"
+        fi
         exit 0
     fi
     hd_log "training step FAILED with exit $rc; the srun lines above name the failing task/node; see" \

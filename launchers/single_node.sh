@@ -8,8 +8,10 @@
 # Equivalent to `deepspeed --num_gpus N launch.py --ds_config ds_configs/zero2.json --resume auto ARGS`:
 # --ds_config and --resume auto are added unless given, so re-running the same command continues the run.
 # Graceful stop: `touch <output-dir>/STOP` (or $HD_STOP_FILE): every rank checkpoints at the next step boundary
-# and the run exits with code 75; run the same command again to resume. Ctrl-C makes the launcher SIGTERM the
-# ranks, which checkpoint too if the next step boundary comes within the launcher's 30 s grace.
+# and the run exits with code 75; run the same command again to resume. Ctrl-C in the terminal reaches every
+# rank as SIGINT and aborts at once WITHOUT a checkpoint (the last periodic one is kept): stop with the STOP file.
+# With CUDA_VISIBLE_DEVICES set, the ranks use those GPUs (the first HD_GPUS_PER_NODE of them): passed to the
+# launcher as --include localhost:IDS, because with --num_gpus it would ignore the variable and use GPUs 0..N-1.
 set -euo pipefail
 
 HD_REPO="${HD_REPO:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}"
@@ -23,5 +25,11 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( cores / gpus > 0 ? cores / gpus :
 hd_setup_env
 hd_build_args "$@"
 hd_log "deepspeed launcher: $gpus rank(s) on $(hostname), args: ${HD_ARGS[*]}"
-exec "${HD_PYTHON:-python}" -m deepspeed.launcher.runner --num_gpus "$gpus" --master_port "${MASTER_PORT:-29500}" \
+devices=(--num_gpus "$gpus")
+if [[ -n "${CUDA_VISIBLE_DEVICES:-}" && "${HD_ACCELERATOR:-}" != cpu ]]; then
+    IFS=, read -r -a ids <<< "$CUDA_VISIBLE_DEVICES"
+    ids=("${ids[@]:0:gpus}")
+    devices=(--include "localhost:$(IFS=,; echo "${ids[*]}")")
+fi
+exec "${HD_PYTHON:-python}" -m deepspeed.launcher.runner "${devices[@]}" --master_port "${MASTER_PORT:-29500}" \
     "${HD_LAUNCH:-launch.py}" "${HD_ARGS[@]}"

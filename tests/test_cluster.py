@@ -43,8 +43,9 @@ def test_parse_node_addr() -> None:
 
 
 def test_job_port_is_stable_and_in_range() -> None:
-    assert cluster.job_port("12345") == cluster.job_port(12345) == 20000 + 12345
-    assert all(20000 <= cluster.job_port(j) < 40000 for j in (0, 19999, 20000, 987654321))
+    assert cluster.job_port("12345") == cluster.job_port(12345) == 12000 + 12345
+    # below Linux's ephemeral range (32768-60999), where outgoing connections may already hold the port
+    assert all(12000 <= cluster.job_port(j) < 32768 for j in (0, 19999, 20000, 987654321))
 
 
 def test_launcher_env_is_kept() -> None:
@@ -63,10 +64,10 @@ def test_slurm_env_is_mapped() -> None:
         return "10.0.0.7"
 
     env, updates = cluster.resolve_dist_env(dict(SLURM_TASK), node_addr=node_addr)
-    assert env == DistEnv(3, 1, 4, "slurm", "10.0.0.7", 20000 + 12345)
+    assert env == DistEnv(3, 1, 4, "slurm", "10.0.0.7", 12000 + 12345)
     assert queried == ["gpu07"]
     assert updates == {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "MASTER_ADDR": "10.0.0.7",
-                       "MASTER_PORT": str(20000 + 12345)}
+                       "MASTER_PORT": str(12000 + 12345)}
 
 
 def test_slurm_falls_back_to_host_name_and_respects_preset_master() -> None:
@@ -104,7 +105,7 @@ def test_setup_dist_env_writes_environ(monkeypatch: pytest.MonkeyPatch) -> None:
     assert env.source == "slurm" and env.is_main is False
     assert (environ["RANK"], environ["WORLD_SIZE"], environ["MASTER_ADDR"]) == ("3", "4", "127.0.0.9")
     assert "rank 3/4 (local 1) via slurm" in env.describe()
-    assert cluster.setup_dist_env(environ) == DistEnv(3, 1, 4, "launcher", "127.0.0.9", 20000 + 12345)
+    assert cluster.setup_dist_env(environ) == DistEnv(3, 1, 4, "launcher", "127.0.0.9", 12000 + 12345)
 
 
 def test_device_index() -> None:
@@ -250,3 +251,40 @@ def test_preemption_signal_does_not_kill_forked_data_workers(stop: StopRequest) 
     rest = list(batches)
     assert torch.cat([first, *rest]).tolist() == list(range(64))
     assert stop.should_stop() is True and stop.reason == "signal SIGUSR1"
+
+
+def _kill_from_another_process(pids: list[int], sig: str) -> None:
+    """Signal as slurmstepd does: the sender is not the workers' parent."""
+    import subprocess
+
+    subprocess.run(["kill", f"-{sig}", *map(str, pids)], check=True)
+
+
+def test_preemption_sigterm_does_not_kill_guarded_data_workers(stop: StopRequest) -> None:
+    """SIGTERM (time limit, scancel, preemption) reaches every process of the step. PyTorch's workers die on a
+    SIGTERM that is not their parent's, which kills the rank before it can checkpoint; the trainer's loaders
+    install ``worker_signal_guard``, so the workers keep serving and the rank stops at its step boundary."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    def run(guard):
+        loader = DataLoader(torch.arange(64), batch_size=4, num_workers=2, multiprocessing_context="fork",
+                            worker_init_fn=guard)
+        batches = iter(loader)
+        first = [next(batches), next(batches)]  # one from each worker: both have run their init function
+        _kill_from_another_process([w.pid for w in batches._workers], "TERM")
+        return torch.cat([*first, *batches]).tolist()
+
+    assert run(cluster.worker_signal_guard) == list(range(64))
+    with pytest.raises(RuntimeError, match="killed by signal|exited unexpectedly"):  # what the guard prevents
+        run(None)
+    _kill_from_another_process([os.getpid()], "TERM")
+    assert stop.should_stop() is True and stop.reason == "signal SIGTERM"
+
+
+def test_the_trainers_data_loader_workers_are_guarded() -> None:
+    from hybrid_distill.config import DataConfig
+    from hybrid_distill.data import build_loader
+
+    loader = build_loader(DataConfig(source="synthetic", batch_size=2, num_workers=2, synthetic_size=8), img_size=16)
+    assert loader._dataloader_kwargs()["worker_init_fn"] is cluster.worker_signal_guard

@@ -34,11 +34,12 @@ def test_sbatch_defaults() -> None:
     assert "--no_ssh" in ds and '--node_rank="$SLURM_NODEID"' in ds
 
 
-def _bash(snippet: str, tmp_path: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def _bash(snippet: str, tmp_path: Path, env: dict[str, str] | None = None,
+          scontrol_rc: int = 0) -> subprocess.CompletedProcess[str]:
     fake_bin = tmp_path / "bin"
     fake_bin.mkdir(exist_ok=True)
     scontrol = fake_bin / "scontrol"
-    scontrol.write_text(f'#!/bin/bash\necho "$@" >> {tmp_path}/scontrol.calls\n')
+    scontrol.write_text(f'#!/bin/bash\necho "$@" >> {tmp_path}/scontrol.calls\nexit {scontrol_rc}\n')
     scontrol.chmod(0o755)
     full_env = {"PATH": f"{fake_bin}:/usr/bin:/bin", "HOME": str(tmp_path), **(env or {})}
     script = f"set -euo pipefail\nsource {COMMON}\n{snippet}\n"
@@ -97,3 +98,41 @@ def test_batch_shell_signal_becomes_stop_file(tmp_path: Path) -> None:
     assert "batch shell received SIGUSR1" in out.stdout
     out = _bash(snippet.replace("kill -USR1", "kill -TERM"), tmp_path)
     assert "rc=75 requested=1 terminated=1" in out.stdout, out.stdout + out.stderr
+
+
+def _finish_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    return {"SLURM_JOB_ID": "42", "HD_STOPPED_FILE": str(tmp_path / "job.stopped"),
+            "HD_STOP_FILE": str(tmp_path / "job.stop"), "HD_TASK_LOG_PREFIX": str(tmp_path / "job"), **extra}
+
+
+def test_no_requeue_allowed_on_a_first_run_exits_75_not_an_unbound_variable(tmp_path: Path) -> None:
+    """SLURM sets SLURM_RESTART_COUNT only after a requeue; `set -u` must not trip on it."""
+    out = _bash("hd_finish 75", tmp_path, _finish_env(tmp_path, HD_MAX_REQUEUES="0"))
+    assert out.returncode == 75, out.stdout + out.stderr
+    assert "already restarted 0 times; not requeueing" in out.stdout
+
+
+def test_a_failed_requeue_says_so_and_keeps_the_stop_code(tmp_path: Path) -> None:
+    out = _bash("hd_finish 75", tmp_path, _finish_env(tmp_path), scontrol_rc=1)
+    assert out.returncode == 75, out.stdout + out.stderr
+    assert "scontrol requeue FAILED" in out.stdout and "same --output-dir" in out.stdout
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({"HD_GPUS_PER_NODE": "3", "CUDA_VISIBLE_DEVICES": "0,1"}, "3"),
+    ({"SLURM_GPUS_ON_NODE": "4", "CUDA_VISIBLE_DEVICES": "0,1"}, "4"),
+    ({"CUDA_VISIBLE_DEVICES": "2,3"}, "2"),  # not every GPU of the machine
+])
+def test_processes_per_node(tmp_path: Path, env: dict[str, str], expected: str) -> None:
+    out = _bash("hd_gpus_per_node", tmp_path, env)
+    assert out.stdout.strip() == expected, out.stdout + out.stderr
+
+
+def test_a_stop_request_during_start_up_becomes_the_stop_file(tmp_path: Path) -> None:
+    """B:USR1 can arrive while the batch shell is still setting up (before the training step runs)."""
+    env = {"SLURM_JOB_ID": "42", "SLURM_JOB_NAME": "hd", "SLURM_JOB_NUM_NODES": "1", "SLURM_JOB_NODELIST": "n1",
+           "HD_REPO": str(REPO), "HD_LOG_DIR": str(tmp_path / "logs")}
+    out = _bash('hd_slurm_setup --preset tiny; kill -USR1 $$; sleep 0.2; echo "requested=$HD_STOP_REQUESTED"',
+                tmp_path, env)
+    assert "requested=1" in out.stdout, out.stdout + out.stderr
+    assert (tmp_path / "logs" / "hd-42.r0.stop").exists()
