@@ -103,6 +103,13 @@ def complete_checkpoints(ckpt_dir: str | Path) -> list[Path]:
     return sorted(tags, key=tag_step)
 
 
+def older_checkpoints(tag_dir: str | Path) -> list[Path]:
+    """Complete checkpoints older than ``tag_dir`` (or its ``*_universal`` conversion) beside it, newest first."""
+    tag_dir = Path(tag_dir)
+    step = tag_step(tag_dir.name.removesuffix(UNIVERSAL_SUFFIX)) or 0
+    return [p for p in reversed(complete_checkpoints(tag_dir.parent)) if tag_step(p) < step]
+
+
 def find_latest(ckpt_dir: str | Path) -> Path | None:
     """Newest complete checkpoint (tag directory with a marker) under ``ckpt_dir``, or None."""
     tags = complete_checkpoints(ckpt_dir)

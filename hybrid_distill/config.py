@@ -9,6 +9,7 @@ device, step) never goes back into it. ``load_config`` is the one entry point::
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -248,6 +249,27 @@ def get_key(cfg: Any, key: str) -> Any:
     for part in key.split("."):
         node = getattr(node, part)
     return node
+
+
+def changed_keys(old: dict, new: dict) -> list[str]:
+    """Dotted keys whose values differ between two ``to_dict`` configs (one may come back from JSON: tuples and
+    lists compare equal)."""
+    old, new = json.loads(json.dumps(old)), json.loads(json.dumps(new))
+    out = []
+    for section in sorted(set(old) | set(new)):
+        a, b = old.get(section), new.get(section)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += [f"{section}.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        elif a != b:
+            out.append(section)
+    return out
+
+
+def dotted_value(tree: dict, key: str) -> Any:
+    """Value at a dotted key of a ``to_dict`` config (None where absent); ``get_key`` for the dataclasses."""
+    for part in key.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
 
 
 def set_key(cfg: Any, key: str, value: Any) -> None:

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from hybrid_distill import checkpoint, cluster, engine, metrics
-from hybrid_distill.config import Config, ConfigError, load_config, save_config, to_dict
+from hybrid_distill.config import Config, ConfigError, changed_keys, dotted_value, load_config, save_config, to_dict
 from hybrid_distill.data import build_loader
 from hybrid_distill.task import HybridDistillTask
 from hybrid_distill.teachers import CheckpointError
@@ -164,24 +164,6 @@ RESUME_FIXED = ("student", "mim_teacher", "feature_teacher", "masking", "loss", 
 RESUME_FREE = ("mim_teacher.weights", "feature_teacher.weights", "loss.relation_impl", "loss.deterministic")
 
 
-def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two ``to_dict`` configs."""
-    out = []
-    for key in sorted(set(old) | set(new)):
-        a, b, name = old.get(key), new.get(key), f"{prefix}{key}"
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += changed_keys(a, b, f"{name}.")
-        elif a != b and not (isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and list(a) == list(b)):
-            out.append(name)
-    return out
-
-
-def _dotted(tree: dict, key: str) -> object:
-    for part in key.split("."):
-        tree = tree.get(part) if isinstance(tree, dict) else None
-    return tree
-
-
 def check_resume(cfg: Config, ds_config: dict, resume: Path, on_purpose: bool) -> None:
     """Refuse to continue a checkpoint with another recipe or ZeRO stage; report other config changes.
 
@@ -196,10 +178,11 @@ def check_resume(cfg: Config, ds_config: dict, resume: Path, on_purpose: bool) -
                           f"with the same stage (e.g. --ds_config ds_configs/zero{saved_stage}.json)")
     if not isinstance(marker.get("config"), dict):
         return  # saved before configs were recorded in the marker
-    changed = changed_keys(marker["config"], to_dict(cfg))
+    saved, current = marker["config"], to_dict(cfg)
+    changed = changed_keys(saved, current)
     fixed = [k for k in changed if k.startswith(RESUME_FIXED) and not k.startswith(RESUME_FREE)]
     if fixed and not on_purpose:
-        diffs = ", ".join(f"{k}: {_dotted(marker['config'], k)!r} -> {_dotted(to_dict(cfg), k)!r}" for k in fixed)
+        diffs = ", ".join(f"{k}: {dotted_value(saved, k)!r} -> {dotted_value(current, k)!r}" for k in fixed)
         raise ConfigError(f"--resume auto found {resume}, saved with another recipe ({diffs}). Resume with the same "
                           "settings, use another --output-dir for a new run, or pass --resume PATH to continue from "
                           "that checkpoint with the new settings on purpose")
@@ -219,12 +202,6 @@ def restore(run: Run, resume: Path, universal: bool) -> None:
         seed_everything(run.cfg.run.seed + 1_000_003 * run.step + run.env.rank)
         log.info("RNG states not restorable on world size %d: reseeded from (seed, step, rank)", run.env.world_size)
     log.info("resumed from %s at step %d (epoch %d)", resume, run.step, run.epoch)
-
-
-def older_checkpoints(tag_dir: Path) -> list[Path]:
-    """Complete checkpoints older than ``tag_dir`` in the same directory, newest first."""
-    step = checkpoint.tag_step(tag_dir.name.removesuffix(checkpoint.UNIVERSAL_SUFFIX)) or 0
-    return [p for p in reversed(checkpoint.complete_checkpoints(tag_dir.parent)) if checkpoint.tag_step(p) < step]
 
 
 def save(run: Run) -> None:
@@ -408,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             restore(run, resume, universal)
         except checkpoint.CheckpointError as e:
-            older = ", ".join(str(p) for p in older_checkpoints(resume)[:3]) or "none"
+            older = ", ".join(str(p) for p in checkpoint.older_checkpoints(resume)[:3]) or "none"
             log.error("error: cannot resume: %s\nOlder complete checkpoints: %s. Pass one with --resume PATH (or "
                       "move the bad one away), or check that --ds_config matches the run's", e, older)
             return EXIT_BAD_INPUT
