@@ -26,5 +26,6 @@ setup(
         "matplotlib>=3.7",
         "triton>=3.0; platform_system == 'Linux'",
     ],
+    entry_points={"console_scripts": ["hybrid-distill = hybrid_distill.train:main"]},
     extras_require={"test": ["pytest>=8", "pytest-timeout>=2", "ruff>=0.5"], "wandb": ["wandb"]},
 )

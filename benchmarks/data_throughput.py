@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hybrid_distill.config import DataConfig  # noqa: E402
 from hybrid_distill.data import build_loader  # noqa: E402
-from hybrid_distill.data_sources import synthetic_image  # noqa: E402
+from hybrid_distill.data.sources import synthetic_image  # noqa: E402
 
 
 def make_corpus(root: Path, count: int, classes: int = 10, seed: int = 0) -> dict:

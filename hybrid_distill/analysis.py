@@ -13,7 +13,7 @@
   attention distribution (collapse).
 
 Attention maps are the block's own ``softmax(q k^T * d_head^-0.5)``, with q, k taken after its pre-norm and
-q/k norm by :func:`hybrid_distill.qk_capture.capture_qk` during an ordinary forward. See ``docs/analysis.md``.
+q/k norm by :func:`hybrid_distill.model.qk_capture.capture_qk` during an ordinary forward. See ``docs/analysis.md``.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hybrid_distill.qk_capture import capture_qk
+from hybrid_distill.model.qk_capture import capture_qk
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 DEFAULT_MEAN = (0.485, 0.456, 0.406)

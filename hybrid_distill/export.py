@@ -34,14 +34,11 @@ from typing import Any
 import torch
 import yaml
 
-from hybrid_distill.checkpoint import complete_checkpoints, find_latest, read_marker, tag_step
-from hybrid_distill.config import Config, ConfigError, config_from_dict
+from hybrid_distill.config import Config, config_from_dict
+from hybrid_distill.errors import ConfigError, ExportError
+from hybrid_distill.runtime.checkpoint import complete_checkpoints, find_latest, read_marker, tag_step
 
 STUDENT_PREFIX = "student."
-
-
-class ExportError(RuntimeError):
-    """No checkpoint, no config, or weights that do not fit the configured student; the message names the path."""
 
 
 def find_checkpoint(src: str | Path, tag: str | None = None) -> Path:
@@ -106,7 +103,7 @@ def consolidated_student_state(tag_dir: Path) -> dict[str, torch.Tensor]:
 
 def export_kwargs(cfg: Config) -> dict[str, Any]:
     """The ``timm.create_model`` kwargs that rebuild the exported student (``student_kwargs`` minus drop path)."""
-    from hybrid_distill.student import student_kwargs
+    from hybrid_distill.model.student import student_kwargs
 
     return {k: v for k, v in student_kwargs(cfg.student).items() if k != "drop_path_rate"}
 
@@ -127,7 +124,7 @@ def export_student(src: str | Path, out: str | Path, tag: str | None = None) -> 
     """
     from timm.models import save_for_hf
 
-    from hybrid_distill.student import build_student
+    from hybrid_distill.model.student import build_student
 
     tag_dir = find_checkpoint(src, tag)
     cfg = load_run_config(tag_dir)

@@ -91,7 +91,7 @@ hd_slurm_setup() {
     local run="${SLURM_JOB_NAME:-job}-${SLURM_JOB_ID}.r${SLURM_RESTART_COUNT:-0}"
     # Stop request forwarded by the batch shell (deepspeed-launcher variant); polled by every rank.
     export HD_STOP_FILE="${HD_STOP_FILE:-$HD_LOG_DIR/$run.stop}"
-    # Written by rank 0 when all ranks agreed to stop (hybrid_distill.cluster.StopRequest).
+    # Written by rank 0 when all ranks agreed to stop (hybrid_distill.runtime.cluster.StopRequest).
     export HD_STOPPED_FILE="${HD_STOPPED_FILE:-$HD_LOG_DIR/$run.stopped}"
     rm -f "$HD_STOP_FILE" "$HD_STOPPED_FILE"
     # From here on a stop request during start-up (B:USR1 before the training step exists) becomes the stop file
@@ -107,8 +107,8 @@ hd_slurm_setup() {
 
 # Master address/port shared by every rank of the job: NodeAddr of the first node, port from the job id.
 hd_master() {
-    export MASTER_ADDR="${MASTER_ADDR:-$("$HD_PYTHON" -m hybrid_distill.cluster master-addr)}"
-    export MASTER_PORT="${MASTER_PORT:-$("$HD_PYTHON" -m hybrid_distill.cluster master-port)}"
+    export MASTER_ADDR="${MASTER_ADDR:-$("$HD_PYTHON" -m hybrid_distill.runtime.cluster master-addr)}"
+    export MASTER_PORT="${MASTER_PORT:-$("$HD_PYTHON" -m hybrid_distill.runtime.cluster master-port)}"
     hd_log "rendezvous ${MASTER_ADDR}:${MASTER_PORT}"
 }
 

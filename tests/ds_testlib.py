@@ -87,7 +87,7 @@ def tiny_trainable(seed: int = 0, embed_dim: int = 32):
 
 def tiny_config(batch_size: int = 2, global_batch_size: int = 2, **optim: Any):
     """A ``Config`` whose data/optim sections suit ``tiny_trainable`` (the rest is the ``tiny`` preset)."""
-    from hybrid_distill.presets import tiny
+    from hybrid_distill.config.presets import tiny
 
     cfg = tiny()
     cfg.data.batch_size, cfg.optim.global_batch_size = batch_size, global_batch_size

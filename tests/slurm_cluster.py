@@ -9,7 +9,7 @@ Everything lives in one temporary directory: a private munge key and socket (``A
 TCP ports for slurmctld and each slurmd, state, spool and logs, so a system SLURM or munge on the same machine
 is neither used nor disturbed. Debian 12's Slurm 22.05 supports several slurmd on one host (``slurmd -N``):
 both nodes have ``NodeAddr=127.0.0.1`` and their own ``Port``. Node names (n1, n2) do not resolve, like on
-many real clusters, which exercises the NodeAddr lookup in ``hybrid_distill.cluster``.
+many real clusters, which exercises the NodeAddr lookup in ``hybrid_distill.runtime.cluster``.
 
 Teardown kills only what the harness started: the daemons it spawned (tracked ``Popen`` objects), then any
 leftover process whose environment carries this cluster's unique ``HD_SLURM_HARNESS`` token (slurmstepd and

@@ -1,4 +1,4 @@
-"""hybrid_distill.checkpoint: markers, discovery, pruning, resume resolution, real DeepSpeed save/load, 2 -> 1."""
+"""runtime.checkpoint: markers, discovery, pruning, resume resolution, real DeepSpeed save/load, 2 -> 1."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 from ds_testlib import REPO, run_ranks, tiny_config, tiny_trainable, train_steps
 
-from hybrid_distill import checkpoint as ck
+from hybrid_distill.runtime import checkpoint as ck
 
 
 def _fake(ckpt_dir: Path, step: int, complete: bool = True, world_size: int = 1) -> Path:
@@ -110,7 +110,7 @@ def test_rng_state_round_trip():
 
 
 def _build(stage: int, world_size: int, global_batch: int = 4, seed: int = 0, universal: bool = False):
-    from hybrid_distill.engine import build_engine, resolve_ds_config
+    from hybrid_distill.runtime.engine import build_engine, resolve_ds_config
 
     cfg = tiny_config(batch_size=2, global_batch_size=global_batch)
     ds = resolve_ds_config(REPO / "ds_configs" / f"zero{stage}.json", cfg, world_size, "cpu")

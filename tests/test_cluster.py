@@ -1,4 +1,4 @@
-"""Unit tests for ``hybrid_distill.cluster``: rank discovery from launcher/SLURM/nothing and the stop request."""
+"""Unit tests for ``runtime.cluster``: rank discovery from launcher/SLURM/nothing and the stop request."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from hybrid_distill import cluster
-from hybrid_distill.cluster import DistEnv, StopRequest
+from hybrid_distill.runtime import cluster
+from hybrid_distill.runtime.cluster import DistEnv, StopRequest
 
 SLURM_TASK = {
     "SLURM_JOB_ID": "12345", "SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_NTASKS": "4",

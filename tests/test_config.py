@@ -15,7 +15,7 @@ from hybrid_distill.config import (
     to_dict,
     validate,
 )
-from hybrid_distill.presets import PRESETS, get_preset
+from hybrid_distill.config.presets import PRESETS, get_preset
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -200,7 +200,8 @@ def test_min_lr_error_shows_the_peak_lr_and_where_it_comes_from():
 
 
 def test_peak_lr_has_one_definition():
-    from hybrid_distill import config, engine
+    from hybrid_distill import config
+    from hybrid_distill.runtime import engine
 
     assert engine.peak_lr is config.peak_lr
 

@@ -17,9 +17,10 @@ import torch
 from PIL import Image
 
 from hybrid_distill.config import DataConfig
-from hybrid_distill.data import build_loader, worker_quotas
-from hybrid_distill.data_decode import JpegDecoder, sample_rng
-from hybrid_distill.data_sources import expand_braces, parse_source
+from hybrid_distill.data.decode import JpegDecoder, sample_rng
+from hybrid_distill.data.loader import build_loader, worker_quotas
+from hybrid_distill.data.sources import expand_braces, parse_source
+from hybrid_distill.errors import ConfigError, DataError
 
 datasets = pytest.importorskip("datasets")
 
@@ -90,15 +91,15 @@ def labels_of(batches: list[dict]) -> list[int]:
 
 @pytest.mark.parametrize("bad", ["", "folder", "folder:", "imagenet", "s3:bucket", "hf", "wds: ", "Synthetic"])
 def test_malformed_source_names_the_key(bad):
-    with pytest.raises(ValueError, match="data.source"):
+    with pytest.raises(DataError, match="data.source"):
         parse_source(bad)
-    with pytest.raises(ValueError, match="data.source"):
+    with pytest.raises(DataError, match="data.source"):
         build_loader(make_cfg(bad), img_size=SIZE)
 
 
 def test_missing_paths_name_the_source(tmp_path):
     for source in (f"folder:{tmp_path}/nope", f"wds:{tmp_path}/shard-{{000..003}}.tar", f"hf:{tmp_path}/x.parquet"):
-        with pytest.raises(FileNotFoundError, match="data.source") as info:
+        with pytest.raises(DataError, match="data.source") as info:
             build_loader(make_cfg(source), img_size=SIZE, cache_dir=tmp_path)
         assert "nope" in str(info.value) or "shard" in str(info.value) or "x.parquet" in str(info.value)
 
@@ -106,7 +107,7 @@ def test_missing_paths_name_the_source(tmp_path):
 def test_a_missing_shard_in_the_pattern_is_an_error_naming_it(tmp_path):
     source = write_shards(tmp_path / "wds", n=24, shards=4)
     (tmp_path / "wds" / "shard-002.tar").unlink()  # a half-finished copy
-    with pytest.raises(FileNotFoundError, match=r"data\.source.*1 of the named shards.*shard-002\.tar"):
+    with pytest.raises(DataError, match=r"data\.source.*1 of the named shards.*shard-002\.tar"):
         build_loader(make_cfg(source, streaming=True, num_samples=24), img_size=SIZE)
 
 
@@ -132,12 +133,12 @@ def test_brace_expansion():
 def test_gpu_decode_without_cuda_is_a_clear_error():
     if torch.cuda.is_available():
         pytest.skip("CUDA present")
-    with pytest.raises(RuntimeError, match="data.gpu_decode"):
+    with pytest.raises(ConfigError, match="data.gpu_decode"):
         build_loader(make_cfg("synthetic", gpu_decode=True), img_size=SIZE)
 
 
 def test_streaming_without_length_asks_for_num_samples(tmp_path):
-    with pytest.raises(ValueError, match="data.num_samples"):
+    with pytest.raises(DataError, match="data.num_samples"):
         build_loader(make_cfg(write_shards(tmp_path / "wds"), streaming=True), img_size=SIZE)
 
 
@@ -282,8 +283,9 @@ def test_epochs_reshuffle_and_augmentation_is_deterministic():
     loader = build_loader(cfg, img_size=SIZE, seed=3)
     epoch0 = [b["ids"].tolist() for b in loader]
     assert loader.state_dict()["epoch"] == 0 and loader.state_dict()["batches"] == 3
-    epoch1 = [b["ids"].tolist() for b in loader]  # iterating on without set_epoch continues with epoch 1
-    assert loader.epoch == 1
+    assert list(loader) == [] and loader.epoch == 0  # the trainer owns the epoch: finished until set_epoch
+    loader.set_epoch(1)
+    epoch1 = [b["ids"].tolist() for b in loader]
     assert epoch0 != epoch1
     again = build_loader(cfg, img_size=SIZE, seed=3)
     again.set_epoch(1)
@@ -378,7 +380,7 @@ def test_jpeg_decoder_path_on_cpu():
 
 
 def test_gpu_augment_defers_only_decodable_jpegs(tmp_path):
-    from hybrid_distill.data import Augment
+    from hybrid_distill.data.loader import Augment
 
     aug = Augment(SIZE, (0.5, 1.0), True, 0, gpu=True)
     job = aug.process(encode(0), sample_rng(0, 0, 0))

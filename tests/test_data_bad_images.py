@@ -14,7 +14,7 @@ from PIL import Image
 
 from hybrid_distill.config import DataConfig
 from hybrid_distill.data import build_loader
-from hybrid_distill.data_decode import decode_crop, sample_rng, to_rgb
+from hybrid_distill.data.decode import decode_crop, sample_rng, to_rgb
 
 SIZE = 16
 RED = (230, 20, 20)
@@ -85,7 +85,7 @@ def test_broken_images_raise(name):
 
 def test_huge_jpeg_is_drafted():
     img = Image.open(io.BytesIO(odd_images()["huge.jpg"]))
-    from hybrid_distill.data_decode import _draft
+    from hybrid_distill.data.decode import _draft
 
     box = _draft(img, (0, 0, 4000, 3000), SIZE)
     assert img.size == (500, 375) and box == (0, 0, 500, 375)  # libjpeg decodes at 1/8 scale

@@ -1,4 +1,4 @@
-"""hybrid_distill.engine: DeepSpeed config resolution, parameter groups, lr schedule, real ZeRO steps on CPU."""
+"""hybrid_distill.runtime.engine: DeepSpeed config resolution, parameter groups, lr schedule, real ZeRO steps on CPU."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from ds_testlib import REPO, run_ranks, tiny_config, tiny_trainable, train_steps
 
 from hybrid_distill.config import ConfigError
-from hybrid_distill.engine import lr_at, param_groups, peak_lr, resolve_ds_config
+from hybrid_distill.runtime.engine import lr_at, param_groups, peak_lr, resolve_ds_config
 
 DS_CONFIGS = sorted((REPO / "ds_configs").glob("*.json"))
 
@@ -228,7 +228,7 @@ def _scenario_real_steps(configs: list[str]) -> dict:
     import torch
     from deepspeed.utils import safe_get_full_fp32_param
 
-    from hybrid_distill.engine import build_engine, grad_norm, set_lr, skipped_steps
+    from hybrid_distill.runtime.engine import build_engine, grad_norm, set_lr, skipped_steps
 
     results = {}
     for name in configs:
@@ -282,7 +282,7 @@ def test_frozen_parameters_are_rejected():
     """Raised before deepspeed.initialize, so this runs in-process."""
     import torch
 
-    from hybrid_distill.engine import build_engine
+    from hybrid_distill.runtime.engine import build_engine
 
     module = tiny_trainable()
     module.teacher = torch.nn.Linear(4, 4).requires_grad_(False)  # a teacher attached by mistake

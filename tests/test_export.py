@@ -9,8 +9,8 @@ import pytest
 import torch
 from ds_testlib import run_ranks, tiny_config
 
-from hybrid_distill import checkpoint as ck
 from hybrid_distill.export import ExportError, export_student, main
+from hybrid_distill.runtime import checkpoint as ck
 
 
 def _scenario_train_and_save(tmp: str, stages: list[int]) -> dict:
@@ -20,8 +20,8 @@ def _scenario_train_and_save(tmp: str, stages: list[int]) -> dict:
     from torch import nn
 
     from hybrid_distill.config import save_config
-    from hybrid_distill.engine import build_engine, resolve_ds_config
-    from hybrid_distill.student import build_student
+    from hybrid_distill.model.student import build_student
+    from hybrid_distill.runtime.engine import build_engine, resolve_ds_config
 
     class Trainable(nn.Module):
         def __init__(self, student, target_dim):

@@ -14,7 +14,7 @@ pytest.importorskip("triton")
 
 import kernels  # noqa: E402
 
-task_mod = pytest.importorskip("hybrid_distill.task")
+task_mod = pytest.importorskip("hybrid_distill.model.task")
 config_mod = pytest.importorskip("hybrid_distill.config")
 
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from hybrid_distill import losses
+from hybrid_distill.model import losses
 
 
 def smooth_l1(x: torch.Tensor, beta: float) -> torch.Tensor:

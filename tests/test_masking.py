@@ -8,7 +8,7 @@ from fractions import Fraction
 import pytest
 import torch
 
-from hybrid_distill.masking import keep_count, keep_schedule, progressive_keep_indices
+from hybrid_distill.model.masking import keep_count, keep_schedule, progressive_keep_indices
 
 
 def brute_force_keep(hiddens, drop_ratio, num_prefix_tokens=1, score_prefix=False):

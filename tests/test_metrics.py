@@ -1,4 +1,4 @@
-"""hybrid_distill.metrics: metrics.jsonl, console lines / progress bar, TensorBoard, loss.png, train.log."""
+"""hybrid_distill.runtime.metrics: metrics.jsonl, console lines / progress bar, TensorBoard, loss.png, train.log."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import logging
 import pytest
 
 from hybrid_distill.config import RunConfig
-from hybrid_distill.metrics import LOGGER_NAME, MetricsLogger, format_line, read_metrics, setup_logging
+from hybrid_distill.runtime.metrics import LOGGER_NAME, MetricsLogger, format_line, read_metrics, setup_logging
 
 VALUES = {"epoch": 0.5, "loss": 0.43214, "feature_loss": 0.3, "relation_loss": 0.13214, "lr": 1.2e-4,
           "grad_norm": 1.5, "keep_ratio": 0.34, "images_per_s": 850.4, "skipped_steps": 0, "time_data": 0.0123,

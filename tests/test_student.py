@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
 from hybrid_distill.config import ConfigError, StudentConfig
-from hybrid_distill.student import DistillStudent, build_student
+from hybrid_distill.model.student import DistillStudent, build_student
 
 CFG = StudentConfig(model="vit_small_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2)
 

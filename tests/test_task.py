@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from hybrid_distill.config import ConfigError, load_config
-from hybrid_distill.task import HybridDistillTask, default_mask_layers
+from hybrid_distill.model.task import HybridDistillTask, default_mask_layers
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 OPENAI_MEAN, OPENAI_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)

@@ -1,7 +1,7 @@
 """Frozen teachers (DESIGN 1.1-1.5): relation targets, masking, grid alignment, features, checkpoints.
 
 Every expected value is computed here from the module's own weights (patch conv, position embeddings, pre-norm,
-qkv / in_proj weights) or with timm's / open_clip's own forward, never through ``hybrid_distill.teachers``.
+qkv / in_proj weights) or with timm's / open_clip's own forward, never through ``hybrid_distill.model.teachers``.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ from model_testlib import liven, random_images
 from safetensors.torch import save_file
 
 from hybrid_distill.config import ConfigError, TeacherConfig
-from hybrid_distill.masking import progressive_keep_indices
-from hybrid_distill.teachers import CheckpointError, build_teacher, open_clip_mean_std
+from hybrid_distill.errors import WeightsError
+from hybrid_distill.model.masking import progressive_keep_indices
+from hybrid_distill.model.teachers import build_teacher, open_clip_mean_std
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 OPENAI_MEAN, OPENAI_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
@@ -532,14 +533,14 @@ def test_corrupt_checkpoint_is_a_checkpoint_error_naming_the_file(tmp_path, suff
     path = tmp_path / f"corrupt{suffix}"
     path.write_bytes(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0),
                                    dtype=torch.uint8).numpy().tobytes())
-    with pytest.raises(CheckpointError) as e:
+    with pytest.raises(WeightsError) as e:
         build_teacher(TeacherConfig(**MAE, weights=str(path)), "mim_teacher", (8, 8), 64)
     assert str(path) in str(e.value)
 
 
 def test_missing_checkpoint_is_a_checkpoint_error_naming_the_file(tmp_path):
     path = tmp_path / "nope.pth"
-    with pytest.raises(CheckpointError) as e:
+    with pytest.raises(WeightsError) as e:
         build_teacher(TeacherConfig(**MAE, weights=str(path)), "mim_teacher", (8, 8), 64)
     assert str(path) in str(e.value)
 
@@ -548,7 +549,7 @@ def test_missing_checkpoint_is_a_checkpoint_error_naming_the_file(tmp_path):
 def test_wrong_depth_checkpoint_names_the_file_and_the_keys(tmp_path, saved_depth, built_depth, named):
     path = tmp_path / "mae.pth"
     torch.save({"model": _timm_mae(depth=saved_depth).state_dict()}, path)
-    with pytest.raises(CheckpointError) as e:
+    with pytest.raises(WeightsError) as e:
         build_teacher(TeacherConfig(**{**MAE, "depth": built_depth}, weights=str(path)), "mim_teacher", (8, 8), 64)
     message = str(e.value)
     assert str(path) in message and named in message
@@ -559,7 +560,7 @@ def test_wrong_width_checkpoint_names_the_shape_mismatches(tmp_path):
     path = tmp_path / "mae.pth"
     torch.save(timm.create_model("vit_base_patch16_224.mae", embed_dim=48, depth=3, num_heads=2, patch_size=8,
                                  img_size=64).state_dict(), path)
-    with pytest.raises(CheckpointError) as e:
+    with pytest.raises(WeightsError) as e:
         build_teacher(TeacherConfig(**{**MAE, "depth": 3}, weights=str(path)), "mim_teacher", (8, 8), 64)
     assert str(path) in str(e.value) and "blocks.0.attn.qkv.weight" in str(e.value)
 
@@ -569,7 +570,7 @@ def test_open_clip_checkpoint_with_missing_keys_names_them(tmp_path):
     del sd["visual.ln_post.weight"]
     path = tmp_path / "clip.pt"
     torch.save(sd, path)
-    with pytest.raises(CheckpointError) as e:
+    with pytest.raises(WeightsError) as e:
         build_teacher(TeacherConfig(library="open_clip", model=TINY_CLIP, weights=str(path)), "mim_teacher",
                       (8, 8), 64)
     assert str(path) in str(e.value) and "visual.ln_post.weight" in str(e.value)
@@ -578,6 +579,6 @@ def test_open_clip_checkpoint_with_missing_keys_names_them(tmp_path):
 def test_timm_checkpoint_given_to_an_open_clip_teacher_is_rejected(tmp_path):
     path = tmp_path / "timm.pth"
     torch.save(_timm_mae().state_dict(), path)
-    with pytest.raises(CheckpointError, match="visual"):
+    with pytest.raises(WeightsError, match="visual"):
         build_teacher(TeacherConfig(library="open_clip", model=TINY_CLIP, weights=str(path)), "mim_teacher",
                       (8, 8), 64)

@@ -2,7 +2,7 @@
 
 Every expected value is computed here from the modules' own weights (patch conv, position embedding, pre-norm,
 q/k projections and biases, q/k norm) with timm's ``apply_rot_embed_cat`` on the patch tokens, or with timm's
-own forward, never through ``hybrid_distill.teachers``.
+own forward, never through ``hybrid_distill.model.teachers``.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from timm.layers import AttentionRope, LayerNorm, apply_rot_embed_cat
 from timm.models.eva import EvaAttention, EvaBlockPostNorm
 
 from hybrid_distill.config import TeacherConfig
-from hybrid_distill.masking import progressive_keep_indices
-from hybrid_distill.qk_capture import capture_qk, qk_from_input
-from hybrid_distill.teachers import EvaBackbone, build_teacher
+from hybrid_distill.model.masking import progressive_keep_indices
+from hybrid_distill.model.qk_capture import capture_qk, qk_from_input
+from hybrid_distill.model.teachers import EvaBackbone, build_teacher
 
 TINY = dict(embed_dim=32, depth=6, num_heads=2, patch_size=8)  # 64 px -> 8x8 patches, 2 heads of 16
 MODELS = {

@@ -125,7 +125,7 @@ def test_exported_student_loads_in_timm_with_the_trained_outputs(single_run):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     from hybrid_distill.config import config_from_dict, load_config
-    from hybrid_distill.student import build_student, student_kwargs
+    from hybrid_distill.model.student import build_student, student_kwargs
 
     cfg = load_config("tiny")
     saved = config_from_dict(__import__("yaml").safe_load((single_run / "config.yaml").read_text()))

@@ -34,10 +34,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from hybrid_distill.cluster import worker_signal_guard
 from hybrid_distill.config import DataConfig
-from hybrid_distill.data_decode import JpegDecoder, Payload, crop_params, decode_crop, probe_jpeg, sample_rng
-from hybrid_distill.data_sources import (
+from hybrid_distill.data.decode import JpegDecoder, Payload, crop_params, decode_crop, probe_jpeg, sample_rng
+from hybrid_distill.data.sources import (
     HFMapSource,
     ImageColumns,
     SyntheticSource,
@@ -46,6 +45,8 @@ from hybrid_distill.data_sources import (
     open_wds,
     parse_source,
 )
+from hybrid_distill.errors import ConfigError, DataError
+from hybrid_distill.runtime.cluster import worker_signal_guard
 
 logger = logging.getLogger("hybrid_distill.data")
 
@@ -75,7 +76,7 @@ def build_loader(cfg: DataConfig, img_size: int, rank: int = 0, world_size: int 
     if not 0 <= rank < world_size:
         raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
     if cfg.gpu_decode and not torch.cuda.is_available():
-        raise RuntimeError("data.gpu_decode=true needs a CUDA device (torchvision.io.decode_jpeg on GPU); "
+        raise ConfigError("data.gpu_decode=true needs a CUDA device (torchvision.io.decode_jpeg on GPU); "
                            "none is available: set data.gpu_decode=false")
     aug = Augment(img_size, tuple(cfg.crop_scale), cfg.hflip, seed, cfg.gpu_decode)
     if kind == "synthetic":
@@ -184,7 +185,6 @@ class ImageLoader:
         self.batch_size = cfg.batch_size
         self.epoch = 0
         self._batches = 0  # batches of the current epoch handed to the consumer on this rank
-        self._finished_here = False  # this process handed out the epoch's last batch (vs. loaded a finished state)
         self._bad = 0
         self._attempts = 0
         self._decoder = JpegDecoder(None, aug.size) if aug.gpu else None  # device: current CUDA device at first use
@@ -199,7 +199,7 @@ class ImageLoader:
         """Samples delivered per epoch over all ranks (``len(self) * batch_size * world_size``)."""
         n = self.dataset_size // (self.world_size * self.batch_size)
         if n < 1:
-            raise ValueError(f"data.batch_size={self.batch_size} x world_size={self.world_size} exceeds the "
+            raise DataError(f"data.batch_size={self.batch_size} x world_size={self.world_size} exceeds the "
                              f"{self.dataset_size} samples of data.source={self.cfg.source!r}")
         return n * self.world_size * self.batch_size
 
@@ -213,9 +213,13 @@ class ImageLoader:
         return self._bad
 
     def set_epoch(self, epoch: int) -> None:
-        """Start ``epoch`` (reshuffles); a no-op when the loader is already in it (e.g. after a resume)."""
+        """Enter ``epoch`` (the trainer owns the counter; reshuffles); a no-op when the loader is already in it.
+
+        Iterating yields the batches of the current epoch not yet handed out: all of them after ``set_epoch``,
+        the rest after ``load_state_dict``, none once the epoch is finished.
+        """
         if epoch != self.epoch:
-            self.epoch, self._batches, self._finished_here = epoch, 0, False
+            self.epoch, self._batches = epoch, 0
             self._reset_position()
 
     def _reset_position(self) -> None:
@@ -223,21 +227,6 @@ class ImageLoader:
 
     def _epoch_done(self) -> bool:
         raise NotImplementedError
-
-    def _enter_epoch(self) -> bool:
-        """Called when iteration starts; False when there is nothing to yield.
-
-        A finished epoch moves on to the next one. If this process finished it, the new epoch is iterated now
-        (a loop without ``set_epoch`` just continues); if the finished position came from ``load_state_dict``
-        (a checkpoint taken after an epoch's last batch), this iteration is empty, so the trainer's following
-        ``set_epoch(epoch + 1)`` finds the loader already there.
-        """
-        if not self._epoch_done():
-            return True
-        proceed = self._finished_here
-        self.epoch, self._batches, self._finished_here = self.epoch + 1, 0, False
-        self._reset_position()
-        return proceed
 
     def _finish(self, batch: dict) -> dict:
         """Count bad samples (raise past the fraction), decode deferred JPEGs, return the trainer's batch."""
@@ -274,8 +263,9 @@ class ImageLoader:
                 "source": self.cfg.source}
 
     def _load_common(self, state: dict) -> None:
-        self._finished_here = False
-        self.epoch = int(state["epoch"])
+        if int(state["epoch"]) != self.epoch:
+            raise ValueError(f"the data state is for epoch {state['epoch']} but the loader is in epoch {self.epoch}: "
+                             "call set_epoch with the checkpoint's epoch before load_state_dict")
         self._batches = int(state["batches"])
         self._bad = int(state.get("bad_samples", 0))
         self._attempts = int(state.get("attempted", 0))
@@ -387,7 +377,7 @@ class MapLoader(ImageLoader):
         return self.dataset_size - self._position < self.world_size * self.batch_size
 
     def __iter__(self) -> Iterator[dict]:
-        if not self._enter_epoch():
+        if self._epoch_done():
             return
         global_batch = self.world_size * self.batch_size
         epoch, start = self.epoch, self._position
@@ -396,10 +386,9 @@ class MapLoader(ImageLoader):
         if self._loader is None:
             self._loader = DataLoader(self._dataset, batch_sampler=self._plan,
                                       persistent_workers=self.cfg.num_workers > 0, **self._dataloader_kwargs())
-        for k, batch in enumerate(self._loader):
+        for batch in self._loader:
             self._batches += 1
             self._position += global_batch
-            self._finished_here = k == count - 1
             yield self._finish(batch)
 
     def state_dict(self) -> dict:
@@ -560,7 +549,7 @@ class StreamLoader(ImageLoader):
         split = splits.get(cfg.split) if hasattr(splits, "get") else None
         if split is not None and getattr(split, "num_examples", 0):
             return int(split.num_examples)
-        raise ValueError(f"data.source={cfg.source!r} is streamed and does not state its length: set "
+        raise DataError(f"data.source={cfg.source!r} is streamed and does not state its length: set "
                          "data.num_samples to the number of samples per epoch")
 
     @property
@@ -574,7 +563,7 @@ class StreamLoader(ImageLoader):
         return self._batches >= len(self)
 
     def __iter__(self) -> Iterator[dict]:
-        if not self._enter_epoch():
+        if self._epoch_done():
             return
         epoch, count = self.epoch, len(self)
         self._dataset.epoch = epoch
@@ -585,13 +574,12 @@ class StreamLoader(ImageLoader):
         loader = DataLoader(self._dataset, batch_size=None, **self._dataloader_kwargs())
         iterator = iter(loader)
         try:
-            for k in range(self._batches, count):
+            for _ in range(self._batches, count):
                 batch = next(iterator, None)
                 if batch is None:
                     raise RuntimeError(f"data.source={self.cfg.source!r} yielded no samples on rank {self.rank}")
                 self._batches += 1
                 self._worker_states[str(batch["state"]["wid"])] = batch["state"]
-                self._finished_here = k == count - 1
                 yield self._finish(batch)
         finally:
             del iterator  # shuts the workers down when the consumer stops early

@@ -49,17 +49,15 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
-log = logging.getLogger("hybrid_distill.checkpoint")
+from hybrid_distill.errors import CheckpointError
+from hybrid_distill.runtime import distributed
+
+log = logging.getLogger("hybrid_distill.runtime.checkpoint")
 
 MARKER = "COMPLETE"
 UNIVERSAL_SUFFIX = "_universal"
 _TAG_RE = re.compile(r"^step_(\d+)$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be found, is incomplete, or cannot be loaded; the message names the path."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -165,7 +163,7 @@ def save(engine: Any, ckpt_dir: str | Path, step: int, client_state: dict[str, A
     """
     ckpt_dir = Path(ckpt_dir)
     tag_dir = ckpt_dir / tag_name(step)
-    if _rank() == 0:
+    if distributed.rank() == 0:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         for stale in (tag_dir, universal_dir(tag_dir)):
             _remove_checkpoint(stale)
@@ -174,17 +172,17 @@ def save(engine: Any, ckpt_dir: str | Path, step: int, client_state: dict[str, A
             log.warning("checkpoints newer than step %d exist in %s (%s): this run was resumed from an older one, "
                         "and --resume auto picks the newest step; delete them to continue from this run", step,
                         ckpt_dir, ", ".join(newer))
-    state = dict(client_state, universal_checkpoint_info={}, rng_states=_gather(rng_state()))
-    _barrier()
+    state = dict(client_state, universal_checkpoint_info={}, rng_states=distributed.all_gather_objects(rng_state()))
+    distributed.barrier()
     engine.save_checkpoint(str(ckpt_dir), tag=tag_dir.name, client_state=state, save_latest=False)
-    _barrier()
-    if _rank() == 0:
-        write_marker(tag_dir, {"step": step, "tag": tag_dir.name, "world_size": _world_size(),
+    distributed.barrier()
+    if distributed.rank() == 0:
+        write_marker(tag_dir, {"step": step, "tag": tag_dir.name, "world_size": distributed.world_size(),
                                "zero_stage": int(engine.zero_optimization_stage()),
                                "deepspeed": _ds_version(), "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                                "config": client_state.get("config")})
         prune(ckpt_dir, keep_last, protect=tag_dir)
-    _barrier()
+    distributed.barrier()
     return tag_dir
 
 
@@ -244,7 +242,7 @@ def _universal_source(path: Path) -> Path | None:
 def needs_universal(tag_dir: str | Path, world_size: int | None = None) -> bool:
     """True when ``tag_dir`` was saved with a different world size than ``world_size`` (default: current)."""
     marker = _require_marker(tag_dir)
-    return int(marker["world_size"]) != (world_size or _world_size())
+    return int(marker["world_size"]) != (world_size or distributed.world_size())
 
 
 def ensure_universal(tag_dir: str | Path, world_size: int | None = None) -> Path:
@@ -265,17 +263,17 @@ def ensure_universal(tag_dir: str | Path, world_size: int | None = None) -> Path
         return tag_dir
     out = universal_dir(tag_dir)
     failed = out.with_name(out.name + ".failed")
-    if _rank() == 0:
+    if distributed.rank() == 0:
         failed.unlink(missing_ok=True)
-    _barrier()  # no rank reads a failure note left by an earlier attempt
-    if _rank() == 0 and read_marker(out) is None:
+    distributed.barrier()  # no rank reads a failure note left by an earlier attempt
+    if distributed.rank() == 0 and read_marker(out) is None:
         try:
             convert_to_universal(tag_dir, out)
         except CheckpointError as e:
             failed.write_text(str(e))
             raise
     _wait_for_conversion(out, failed)
-    _barrier()
+    distributed.barrier()
     return out
 
 
@@ -345,9 +343,10 @@ def load(engine: Any, tag_dir: str | Path, load_universal: bool = False) -> dict
         if _universal_source(source) is None:
             source = universal_dir(source)
     marker = _require_marker(source)
-    if not load_universal and int(marker["world_size"]) != _world_size():
-        raise CheckpointError(f"{str(source)!r} was saved by {marker['world_size']} processes, this run has "
-                              f"{_world_size()}: convert it with ensure_universal() and load with load_universal")
+    world = distributed.world_size()
+    if not load_universal and int(marker["world_size"]) != world:
+        raise CheckpointError(f"{str(source)!r} was saved by {marker['world_size']} processes, this run has {world}: "
+                              "convert it with ensure_universal() and load with load_universal")
     hyper = [{k: v for k, v in group.items() if k != "params"} for group in engine.optimizer.param_groups]
     try:
         path, client_state = engine.load_checkpoint(str(source.parent), tag=source.name, load_optimizer_states=True,
@@ -412,35 +411,10 @@ def restore_rng_states(client_state: dict[str, Any]) -> bool:
         (then the caller should reseed deterministically, e.g. from seed, rank and step).
     """
     states = client_state.get("rng_states")
-    if not states or len(states) != _world_size():
+    if not states or len(states) != distributed.world_size():
         return False
-    set_rng_state(states[_rank()])
+    set_rng_state(states[distributed.rank()])
     return True
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# torch.distributed helpers (work without a process group: single process)
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def _world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
-def _gather(obj: Any) -> list[Any]:
-    if not (dist.is_available() and dist.is_initialized()):
-        return [obj]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
 
 
 def _ds_version() -> str:

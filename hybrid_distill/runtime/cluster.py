@@ -23,8 +23,8 @@ Preemption: SLURM sends SIGUSR1 (``--signal``) or SIGTERM (preemption, ``scancel
 deepspeed-launcher variant cannot pass SIGUSR1 through the launcher, so its batch shell creates a stop file
 (``HD_STOP_FILE``) instead. ``StopRequest`` only records the request; ``should_stop`` makes every rank agree.
 
-Also a small CLI for the sbatch scripts: ``python -m hybrid_distill.cluster master-addr`` (``master-port``) and
-``python -m hybrid_distill.cluster hostfile --slots N --out FILE``.
+Also a small CLI for the sbatch scripts: ``python -m hybrid_distill.runtime.cluster master-addr`` (``master-port``) and
+``python -m hybrid_distill.runtime.cluster hostfile --slots N --out FILE``.
 """
 
 from __future__ import annotations
@@ -393,27 +393,25 @@ def _optional_path(value: str | os.PathLike[str] | None, env_key: str) -> Path |
     return Path(path) if str(path) else None
 
 
-def _global_rank() -> int:
-    if "torch" in sys.modules:
-        import torch.distributed as dist
+def _distributed() -> Any:
+    """``runtime.distributed`` once torch is loaded, else None: the batch-script CLI of this module never imports
+    torch, and no process group exists before torch is imported."""
+    if "torch" not in sys.modules:
+        return None
+    from hybrid_distill.runtime import distributed
 
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank()
-    return int(os.environ.get("RANK", "0") or 0)
+    return distributed
+
+
+def _global_rank() -> int:
+    d = _distributed()
+    return d.rank() if d is not None and d.initialized() else int(os.environ.get("RANK", "0") or 0)
 
 
 def _all_reduce_max(value: int, device: Any) -> int:
     """MAX of ``value`` over the default process group, or ``value`` itself when not distributed."""
-    if "torch" not in sys.modules:  # never initialised a process group without importing torch
-        return value
-    import torch
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return value
-    tensor = torch.tensor([value], dtype=torch.int32, device=device if device is not None else "cpu")
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return int(tensor.item())
+    d = _distributed()
+    return value if d is None else d.all_reduce_max(value, device)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -428,7 +426,7 @@ def write_hostfile(hosts: Iterable[str], slots: int, out: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     """``master-addr`` / ``master-port``: print this job's rendezvous address / port; ``hostfile``: write the
     DeepSpeed hostfile."""
-    parser = argparse.ArgumentParser(prog="python -m hybrid_distill.cluster", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m hybrid_distill.runtime.cluster", description=main.__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("master-addr", help="NodeAddr of the job's first node (else its name)")
     sub.add_parser("master-port", help="the job's rendezvous port (from SLURM_JOB_ID)")

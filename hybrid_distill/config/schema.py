@@ -1,26 +1,14 @@
-"""The typed configuration tree: one dataclass per component, loaded from presets, YAML and dotted overrides.
+"""The typed configuration tree: one dataclass per component, its choices and its range checks.
 
-Every setting lives in exactly one field. Components receive their own sub-config; runtime state (rank,
-device, step) never goes back into it. ``load_config`` is the one entry point::
-
-    cfg = load_config(preset="tiny", config_file=None, overrides=["optim.base_lr=3e-4"])
+Components receive their own sub-config; runtime state (rank, device, step) never goes back into it.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import types
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import yaml
-
-
-class ConfigError(ValueError):
-    """A configuration problem; the message names the key and what would be valid."""
+from hybrid_distill.errors import ConfigError
 
 
 @dataclass
@@ -239,198 +227,9 @@ def _check(ok: Any, key: str, message: str) -> None:
         raise ConfigError(f"{key} {message}")
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Dotted keys, YAML, overrides
-
-
 def get_key(cfg: Any, key: str) -> Any:
     """Value at a dotted key, e.g. ``get_key(cfg, "optim.base_lr")``."""
     node = cfg
     for part in key.split("."):
         node = getattr(node, part)
     return node
-
-
-def changed_keys(old: dict, new: dict) -> list[str]:
-    """Dotted keys whose values differ between two ``to_dict`` configs (one may come back from JSON: tuples and
-    lists compare equal)."""
-    old, new = json.loads(json.dumps(old)), json.loads(json.dumps(new))
-    out = []
-    for section in sorted(set(old) | set(new)):
-        a, b = old.get(section), new.get(section)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += [f"{section}.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-        elif a != b:
-            out.append(section)
-    return out
-
-
-def dotted_value(tree: dict, key: str) -> Any:
-    """Value at a dotted key of a ``to_dict`` config (None where absent); ``get_key`` for the dataclasses."""
-    for part in key.split("."):
-        tree = tree.get(part) if isinstance(tree, dict) else None
-    return tree
-
-
-def set_key(cfg: Any, key: str, value: Any) -> None:
-    """Set a dotted key, converting ``value`` (str from the CLI or a YAML scalar) to the field's type."""
-    parts = key.split(".")
-    node = cfg
-    for i, part in enumerate(parts):
-        names = {f.name: f for f in dataclasses.fields(node)}
-        if part not in names:
-            where = ".".join(parts[:i]) or "config"
-            raise ConfigError(f"unknown config key {key!r}: {where} has no field {part!r}; "
-                              f"valid: {', '.join(sorted(names))}")
-        if i == len(parts) - 1:
-            hint = typing.get_type_hints(type(node))[part]
-            setattr(node, part, _coerce(value, hint, key))
-        else:
-            node = getattr(node, part)
-            if not dataclasses.is_dataclass(node):
-                raise ConfigError(f"unknown config key {key!r}: {'.'.join(parts[:i + 1])} is not a section")
-
-
-def _coerce(value: Any, hint: Any, key: str) -> Any:
-    """Convert ``value`` to the annotated type ``hint``; raise ``ConfigError`` naming ``key`` if impossible."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            if type(None) in args:
-                return None
-        errors = []
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"{key}: cannot be None")
-    if isinstance(value, str) and origin in (tuple, list):
-        value = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
-    if origin in (tuple, list):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key} expects a list, got {value!r}")
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(value) != len(args):
-                raise ConfigError(f"{key} expects {len(args)} values, got {len(value)}: {value!r}")
-            return tuple(_coerce(v, a, key) for v, a in zip(value, args, strict=True))
-        item = args[0] if args else Any
-        return origin(_coerce(v, item, key) for v in value)
-    return _coerce_scalar(value, hint, key)
-
-
-def _coerce_scalar(value: Any, hint: Any, key: str) -> Any:
-    if hint is Any:
-        return value
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
-        raise ConfigError(f"{key} expects a bool (true/false), got {value!r}")
-    if hint in (int, float):
-        if isinstance(value, bool):
-            raise ConfigError(f"{key} expects {hint.__name__}, got bool {value!r}")
-        try:
-            number = float(value) if hint is float else _to_int(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{key} expects {hint.__name__}, got {value!r}") from None
-        return number
-    if hint is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key} expects a string, got {value!r}")
-        return value
-    raise ConfigError(f"{key}: unsupported field type {hint}")
-
-
-def _to_int(value: Any) -> int:
-    if isinstance(value, float):
-        if not value.is_integer():
-            raise ValueError(value)
-        return int(value)
-    if isinstance(value, str):
-        as_float = float(value)
-        if not as_float.is_integer():
-            raise ValueError(value)
-        return int(as_float) if any(c in value for c in ".eE") else int(value)
-    return int(value)
-
-
-def apply_dict(cfg: Config, values: dict[str, Any], prefix: str = "") -> None:
-    """Apply a nested mapping (from YAML) onto ``cfg``, with the same typing rules as overrides."""
-    for name, value in values.items():
-        key = f"{prefix}{name}"
-        if isinstance(value, dict):
-            node = get_key(cfg, key) if _is_section(cfg, key) else None
-            if node is None:
-                set_key(cfg, key, value)  # raises: unknown key or not a section
-            apply_dict(cfg, value, prefix=f"{key}.")
-        else:
-            set_key(cfg, key, value)
-
-
-def _is_section(cfg: Config, key: str) -> bool:
-    try:
-        return dataclasses.is_dataclass(get_key(cfg, key))
-    except AttributeError:
-        return False
-
-
-def parse_override(text: str) -> tuple[str, str]:
-    """Split ``"optim.base_lr=3e-4"`` into key and raw value."""
-    if "=" not in text:
-        raise ConfigError(f"override {text!r} must look like section.key=value (e.g. optim.base_lr=3e-4)")
-    key, value = text.split("=", 1)
-    return key.strip(), value.strip()
-
-
-def to_dict(cfg: Config) -> dict[str, Any]:
-    """Plain nested dict (tuples as lists) for YAML/JSON."""
-    return yaml.safe_load(yaml.safe_dump(_plain(dataclasses.asdict(cfg))))
-
-
-def _plain(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    return obj
-
-
-def save_config(cfg: Config, path: str | Path) -> None:
-    """Write the resolved config as YAML."""
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-
-
-def load_config(preset: str | None = "tiny", config_file: str | Path | None = None,
-                overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Build a validated config: preset, then YAML file, then dotted overrides (later wins).
-
-    Args:
-        preset: name of a function in ``hybrid_distill.presets`` (None: the dataclass defaults).
-        config_file: YAML file with nested sections; may name a ``preset:`` of its own at top level.
-        overrides: ``section.key=value`` strings, type-checked against the dataclass fields.
-    """
-    from hybrid_distill import presets
-
-    values: dict[str, Any] = {}
-    if config_file is not None:
-        path = Path(config_file)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
-        values = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(values, dict):
-            raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections")
-        preset = values.pop("preset", preset)
-    cfg = presets.get_preset(preset) if preset else Config()
-    apply_dict(cfg, values)
-    for text in overrides:
-        set_key(cfg, *parse_override(text))
-    return validate(cfg)
-
-
-def config_from_dict(values: dict[str, Any]) -> Config:
-    """Rebuild a config saved with ``to_dict`` (e.g. from a checkpoint's client state)."""
-    cfg = Config()
-    apply_dict(cfg, values)
-    return validate(cfg)

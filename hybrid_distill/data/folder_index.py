@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from hybrid_distill.errors import DataError
+
 logger = logging.getLogger("hybrid_distill.data")
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"})
@@ -95,7 +97,7 @@ def load_folder_index(root: str | Path, cache_dir: str | Path, threads: int = 32
                 _build(root, class_dirs, index_dir, threads)
     index = FolderIndex(root, index_dir)
     if len(index) == 0:
-        raise FileNotFoundError(f"data.source folder {str(root)!r} holds no image files "
+        raise DataError(f"data.source folder {str(root)!r} holds no image files "
                                 f"(extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})")
     return index
 

@@ -16,10 +16,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from hybrid_distill import losses
-from hybrid_distill.config import Config, ConfigError
-from hybrid_distill.student import DistillStudent, build_student
-from hybrid_distill.teachers import MimTargets, build_teacher
+from hybrid_distill.config import Config
+from hybrid_distill.errors import ConfigError
+from hybrid_distill.model import losses
+from hybrid_distill.model.student import DistillStudent, build_student
+from hybrid_distill.model.teachers import MimTargets, build_teacher
 
 
 @dataclass

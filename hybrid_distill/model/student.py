@@ -13,9 +13,10 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from hybrid_distill.config import ConfigError, StudentConfig
-from hybrid_distill.masking import gather_tokens
-from hybrid_distill.qk_capture import QK, capture_qk, head_dims
+from hybrid_distill.config import StudentConfig
+from hybrid_distill.errors import ConfigError
+from hybrid_distill.model.masking import gather_tokens
+from hybrid_distill.model.qk_capture import QK, capture_qk, head_dims
 
 
 def student_kwargs(cfg: StudentConfig) -> dict:

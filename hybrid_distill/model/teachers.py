@@ -1,7 +1,6 @@
-"""Frozen teachers: any timm ViT or open_clip vision tower, in either role (DESIGN 1.1-1.5).
+"""Frozen teachers: any timm ViT or open_clip vision tower, in either role (docs/algorithm.md).
 
-A ``Teacher`` wraps one backbone behind a small uniform surface (embed, run a block, q/k of a block, final
-norm, projection) so that one forward pass gives what its role needs:
+A ``Teacher`` wraps one ``Backbone`` (``backbones``) so that one forward pass gives what its role needs:
 
 * MIM role (``mim_targets``): hidden states at the masking blocks -> ``keep_idx``; q, k at blocks
   ``L-3, L-2`` for the relation targets.
@@ -15,187 +14,24 @@ position embedding is resampled once, when the weights are loaded.
 
 from __future__ import annotations
 
-import argparse
-import importlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import timm
 import torch
 import torch.nn.functional as F
-from timm.models.eva import Eva, EvaBlockPostNorm
+from timm.models.eva import Eva
 from torch import nn
 
-from hybrid_distill.config import ConfigError, TeacherConfig
-from hybrid_distill.masking import gather_tokens, keep_count, least_redundant, prefix_then
-from hybrid_distill.qk_capture import QK, attention_of, capture_qk, head_dims, qk_from_input
+from hybrid_distill.config import TeacherConfig
+from hybrid_distill.config.files import check_weights_file
+from hybrid_distill.errors import ConfigError
+from hybrid_distill.model.backbones import Backbone, EvaBackbone, OpenClipBackbone, TimmBackbone
+from hybrid_distill.model.masking import gather_tokens, keep_count, least_redundant, prefix_then
+from hybrid_distill.model.qk_capture import QK, attention_of, capture_qk, head_dims
+from hybrid_distill.model.weights import load_open_clip_file, load_timm_file
 
 OPENAI_MEAN, OPENAI_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
-
-
-class CheckpointError(RuntimeError):
-    """A teacher checkpoint is missing, unreadable or does not match the architecture."""
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Backbone adapters: the same operations for timm and open_clip towers
-
-
-class Backbone(nn.Module):
-    """Runs blocks one at a time: the part every adapter shares.
-
-    Subclasses set ``blocks`` and define ``embed``, ``attn_input``, ``final_norm`` and ``project``; those whose
-    blocks take extra arguments (RoPE) override ``block_kwargs``.
-    """
-
-    blocks: nn.ModuleList
-
-    @staticmethod
-    def attn_input(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """What ``block``'s attention sees for the block input ``x``."""
-        raise NotImplementedError
-
-    def block_kwargs(self, index: int, patch_pos: torch.Tensor | None = None) -> dict:
-        """Extra keyword arguments of block ``index`` (none for a plain ViT).
-
-        Args:
-            index: block index.
-            patch_pos: ``(B, n)`` original patch index (0-based, on the teacher's grid) of each patch token in the
-                block's input, when that input is a pruned sequence; ``None`` when it holds every patch in order.
-        """
-        return {}
-
-    def run_block(self, index: int, x: torch.Tensor, patch_pos: torch.Tensor | None = None) -> torch.Tensor:
-        """Output of block ``index`` for its input ``x`` ``(B, P + n, D)`` (see ``block_kwargs`` for ``patch_pos``)."""
-        return self.blocks[index](x, **self.block_kwargs(index, patch_pos))
-
-    def block_qk(self, index: int, x: torch.Tensor, patch_pos: torch.Tensor | None = None) -> QK:
-        """q, k ``(B, H, P + n, d)`` of block ``index`` for its input ``x`` without running its attention or MLP."""
-        block = self.blocks[index]
-        return qk_from_input(attention_of(block), self.attn_input(block, x), **self.block_kwargs(index, patch_pos))
-
-
-class TimmBackbone(Backbone):
-    """A timm ViT (VisionTransformer family: MAE, DeiT, DINO, DINOv2, CLIP tower, ...)."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-        self.blocks = model.blocks
-        self.num_prefix_tokens = model.num_prefix_tokens
-        self.has_class_token = getattr(model, "cls_token", None) is not None
-        self.embed_dim = model.embed_dim
-        self.grid_size = tuple(model.patch_embed.grid_size)
-
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        m = self.model
-        return m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(x))))  # (B, P + N, D)
-
-    def final_norm(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.norm(x)
-
-    @staticmethod
-    def attn_input(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """What ``block``'s attention sees: its pre-norm of ``x``."""
-        return block.norm1(x)
-
-    def project(self, x: torch.Tensor) -> torch.Tensor:
-        head = self.model.head
-        if not isinstance(head, nn.Linear):
-            raise ConfigError("feature_teacher.feature=proj needs a timm model with a linear head (e.g. a CLIP tower)")
-        return head(self.model.fc_norm(self.model.norm(x)))  # timm order: norm -> (pool) -> fc_norm -> head
-
-    @property
-    def out_dim_proj(self) -> int:
-        return self.model.head.out_features
-
-
-def gather_rope(rope: torch.Tensor, patch_pos: torch.Tensor) -> torch.Tensor:
-    """The rows of a rotary embedding for the patch tokens of a pruned sequence.
-
-    Args:
-        rope: ``(N, E)`` (shared by all heads) or ``(H, N, E)`` (per head), one row per patch of the full grid.
-        patch_pos: ``(B, n)`` patch index of each token of the pruned sequence.
-
-    Returns:
-        ``(B, 1, n, E)`` or ``(B, H, n, E)``: broadcasts against q, k ``(B, H, n, d)``.
-    """
-    if rope.ndim == 2:
-        return rope[patch_pos].unsqueeze(1)
-    if rope.ndim == 3:
-        return rope[:, patch_pos].transpose(0, 1)
-    raise ConfigError(f"cannot prune tokens for a rotary embedding of shape {tuple(rope.shape)}; "
-                      "set masking.teacher_prunes=false")
-
-
-class EvaBackbone(TimmBackbone):
-    """A timm ``Eva`` (EVA-01, EVA-02, and timm's other RoPE ViTs built on it): blocks take the rotary embedding.
-
-    ``embed`` keeps the rotary embedding of the current forward (``None`` for models without RoPE, e.g. EVA-01)
-    and every block gets it through ``block_kwargs``: its own slice for per-block ("mixed") RoPE, and only the
-    rows of the kept patches when the sequence was pruned, so each kept token keeps its own 2-D position.
-    """
-
-    def __init__(self, model: Eva):
-        super().__init__(model)
-        self._rope: torch.Tensor | None = None
-
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        m = self.model
-        x, self._rope = m._pos_embed(m.patch_embed(x))  # patch dropout is off in eval: rope covers every patch
-        return m.norm_pre(x)  # (B, P + N, D)
-
-    def block_kwargs(self, index: int, patch_pos: torch.Tensor | None = None) -> dict:
-        rope = self._rope
-        if rope is None:
-            return {}
-        if getattr(self.model, "rope_mixed", False):  # (depth, H, N, E): one embedding per block
-            rope = rope[index]
-        if patch_pos is not None:
-            rope = gather_rope(rope, patch_pos)
-        return {"rope": rope}
-
-    @staticmethod
-    def attn_input(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """What ``block``'s attention sees: its pre-norm of ``x`` (``x`` itself for post-norm blocks)."""
-        return x if isinstance(block, EvaBlockPostNorm) else block.norm1(x)
-
-
-class OpenClipBackbone(Backbone):
-    """An open_clip ``VisionTransformer`` (``model.visual``)."""
-
-    def __init__(self, visual: nn.Module):
-        super().__init__()
-        self.model = visual
-        self.blocks = visual.transformer.resblocks
-        self.num_prefix_tokens = 1
-        self.has_class_token = True
-        self.embed_dim = visual.conv1.out_channels
-        self.grid_size = tuple(visual.grid_size)
-        if not getattr(visual.transformer, "batch_first", True):
-            raise ConfigError("open_clip towers with batch_first=False are not supported")
-
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        v = self.model
-        x = v.conv1(x).flatten(2).transpose(1, 2)  # (B, N, D)
-        cls = v.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-        x = torch.cat([cls, x], dim=1) + v.positional_embedding.to(x.dtype)
-        return v.ln_pre(v.patch_dropout(x))
-
-    def final_norm(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.ln_post(x)
-
-    @staticmethod
-    def attn_input(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """What ``block``'s attention sees: its pre-norm of ``x``."""
-        return block.ln_1(x)
-
-    def project(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.ln_post(x) @ self.model.proj
-
-    @property
-    def out_dim_proj(self) -> int:
-        return self.model.proj.shape[1]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -233,57 +69,6 @@ def _timm_patch_size(cfg: TeacherConfig) -> int:
     return model.patch_embed.patch_size[0]
 
 
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors of a checkpoint file (safetensors, or a torch file read with ``weights_only=True``).
-
-    Unwraps the usual containers (``{"model": ...}`` from the MAE release, ``{"state_dict": ...}``) and a
-    ``module.`` prefix.
-    """
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint file {str(path)!r} does not exist")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-            sd = load_file(str(path))
-        else:
-            # MAE training checkpoints (checkpoint-N.pth) also hold their argparse.Namespace: allow only that.
-            with torch.serialization.safe_globals([argparse.Namespace]):
-                sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt/truncated/unsafe file: one clear message
-        raise CheckpointError(f"cannot read checkpoint {str(path)!r}: {type(e).__name__}: {e}") from e
-    for key in ("model", "state_dict", "module"):
-        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
-            sd = sd[key]
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise CheckpointError(f"checkpoint {str(path)!r} does not hold a state dict of tensors")
-    return {k.removeprefix("module."): v for k, v in sd.items()}
-
-
-def _load_timm_file(model: nn.Module, path: Path, model_name: str) -> None:
-    sd = read_state_dict(path)
-    own = model.state_dict()
-    # The official MAE release stores the pre-training decoder beside the encoder: ignore it.
-    sd = {k: v for k, v in sd.items() if k in own or not (k.startswith("decoder") or k == "mask_token")}
-    filter_fn = getattr(importlib.import_module(type(model).__module__), "checkpoint_filter_fn", None)
-    if filter_fn is not None:
-        sd = filter_fn(sd, model)
-    _strict_load(model, sd, path, model_name)
-
-
-def _strict_load(model: nn.Module, sd: dict, path: Path, model_name: str) -> None:
-    own = model.state_dict()
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    shapes = sorted(k for k in set(own) & set(sd) if own[k].shape != sd[k].shape)
-    if missing or unexpected or shapes:
-        raise CheckpointError(
-            f"checkpoint {str(path)!r} does not match {model_name!r}: "
-            f"missing keys {missing[:10]}{'...' if len(missing) > 10 else ''}; "
-            f"unexpected keys {unexpected[:10]}{'...' if len(unexpected) > 10 else ''}; "
-            f"shape mismatches {[(k, tuple(sd[k].shape), tuple(own[k].shape)) for k in shapes[:5]]}")
-    model.load_state_dict(sd, strict=True)
-
-
 def build_timm(cfg: TeacherConfig, img_size: int) -> TimmBackbone:
     """A timm ViT at ``img_size`` with random, hub (``pretrained``) or local-file weights."""
     kwargs = dict(_timm_kwargs(cfg), img_size=img_size)
@@ -292,7 +77,7 @@ def build_timm(cfg: TeacherConfig, img_size: int) -> TimmBackbone:
     except (RuntimeError, ValueError, TypeError, AssertionError) as e:
         raise ConfigError(f"cannot build timm teacher {cfg.model!r} with {kwargs}: {e}") from e
     if cfg.weights not in ("random", "pretrained"):
-        _load_timm_file(model, Path(cfg.weights), cfg.model)
+        load_timm_file(model, Path(cfg.weights), cfg.model)
     if not hasattr(model, "blocks") or not hasattr(model, "patch_embed"):
         raise ConfigError(f"timm model {cfg.model!r} is not a ViT with `blocks` and `patch_embed`")
     return EvaBackbone(model) if isinstance(model, Eva) else TimmBackbone(model)
@@ -312,7 +97,7 @@ def build_open_clip(cfg: TeacherConfig, img_size: int) -> OpenClipBackbone:
     except RuntimeError as e:
         raise ConfigError(f"cannot build open_clip teacher {cfg.model!r} (pretrained={tag!r}): {e}") from e
     if cfg.weights not in ("random", "pretrained"):
-        _load_open_clip_file(model, Path(cfg.weights), cfg.model)
+        load_open_clip_file(model, Path(cfg.weights), cfg.model)
     return OpenClipBackbone(model.visual)
 
 
@@ -339,17 +124,6 @@ def open_clip_mean_std(cfg: TeacherConfig, visual: nn.Module) -> tuple[tuple[flo
     mean = cfg.mean or values.get("mean") or OPENAI_MEAN
     std = cfg.std or values.get("std") or OPENAI_STD
     return tuple(mean), tuple(std)
-
-
-def _load_open_clip_file(model: nn.Module, path: Path, model_name: str) -> None:
-    from open_clip.model import resize_pos_embed
-
-    sd = read_state_dict(path)
-    if not any(k.startswith("visual.") for k in sd):
-        raise CheckpointError(f"checkpoint {str(path)!r} has no `visual.*` keys: not an open_clip CLIP checkpoint "
-                              f"for {model_name!r}")
-    resize_pos_embed(sd, model)
-    _strict_load(model, sd, path, model_name)
 
 
 def _open_clip_patch_size(cfg: TeacherConfig) -> int:
@@ -420,8 +194,7 @@ class Teacher(nn.Module):
 
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 ``(B, 3, S, S)`` crop -> this teacher's normalised input at its own size and dtype."""
-        dtype = self.backbone.model.patch_embed.proj.weight.dtype if isinstance(self.backbone, TimmBackbone) \
-            else self.backbone.model.conv1.weight.dtype
+        dtype = self.backbone.input_dtype
         x = images.float()
         if x.shape[-1] != self.img_size or x.shape[-2] != self.img_size:
             x = F.interpolate(x, size=(self.img_size, self.img_size), mode="bicubic", antialias=True,
@@ -534,11 +307,9 @@ def build_teacher(cfg: TeacherConfig, role: str, student_grid: tuple[int, int], 
 
     Raises:
         ConfigError: unknown model, or a patch grid that cannot be aligned with the student's.
-        CheckpointError: missing/corrupt checkpoint file or keys that do not match the architecture.
+        WeightsError: missing/corrupt checkpoint file or keys that do not match the architecture.
     """
-    if cfg.weights not in ("random", "pretrained") and not Path(cfg.weights).is_file():
-        raise CheckpointError(f"{role}.weights={cfg.weights!r}: no such checkpoint file "
-                              "(use random, pretrained, or a path to a local checkpoint)")
+    check_weights_file(cfg, role)
     if cfg.library == "timm":
         img_size = aligned_img_size(cfg, _timm_patch_size(cfg), student_grid, student_img, role)
         backbone = build_timm(cfg, img_size)

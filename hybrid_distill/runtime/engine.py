@@ -23,7 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from hybrid_distill.config import Config, ConfigError, peak_lr  # peak_lr: re-exported (engine.peak_lr)
+from hybrid_distill.config import Config, peak_lr  # peak_lr: re-exported (engine.peak_lr)
+from hybrid_distill.config.files import check_ds_config_file
+from hybrid_distill.errors import ConfigError
 
 # Parameters named like this (last dotted component) get no weight decay, whatever their rank.
 NO_DECAY_NAMES = frozenset({"pos_embed", "cls_token", "reg_token", "dist_token"})
@@ -117,8 +119,7 @@ def _check_sections(ds: dict[str, Any], path: str | Path) -> None:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ConfigError(f"DeepSpeed config {str(path)!r} does not exist (see ds_configs/ for the shipped ones)")
+    check_ds_config_file(path)
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as e:

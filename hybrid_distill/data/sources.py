@@ -20,8 +20,10 @@ from typing import Any
 
 import numpy as np
 
-from hybrid_distill.data_decode import Payload
-from hybrid_distill.data_folder_index import FolderIndex, load_folder_index
+from hybrid_distill.config.files import folder_root
+from hybrid_distill.data.decode import Payload
+from hybrid_distill.data.folder_index import FolderIndex, load_folder_index
+from hybrid_distill.errors import DataError
 
 logger = logging.getLogger("hybrid_distill.data")
 
@@ -43,7 +45,7 @@ def parse_source(source: str) -> tuple[str, str]:
         return "synthetic", ""
     kind, sep, target = str(source).partition(":")
     if kind not in ("folder", "hf", "wds") or not sep or not target.strip():
-        raise ValueError(f"data.source={source!r} is not valid; use {SOURCE_FORMS}")
+        raise DataError(f"data.source={source!r} is not valid; use {SOURCE_FORMS}")
     return kind, target.strip()
 
 
@@ -60,7 +62,7 @@ class SyntheticSource:
 
     def __init__(self, size: int, img_size: int) -> None:
         if size < 1:
-            raise ValueError(f"data.synthetic_size must be >= 1, got {size}")
+            raise DataError(f"data.synthetic_size must be >= 1, got {size}")
         self.size = size
         self.side = max(8, round(img_size * 1.25))
 
@@ -116,12 +118,9 @@ def open_folder(target: str, cache_dir: str | Path) -> FolderSource:
     """The ``folder:PATH`` source, with its file list built or read from ``cache_dir``.
 
     Raises:
-        FileNotFoundError: naming ``data.source`` when the folder does not exist.
+        DataError: naming ``data.source`` when the folder does not exist.
     """
-    root = Path(os.path.expanduser(target))
-    if not root.is_dir():
-        raise FileNotFoundError(f"data.source=folder:{target}: folder {str(root)!r} does not exist")
-    return FolderSource(load_folder_index(root, cache_dir))
+    return FolderSource(load_folder_index(folder_root(target), cache_dir))
 
 
 class HFMapSource:
@@ -167,13 +166,13 @@ class ImageColumns:
         names = list(features or {})
         if image_key is not None:
             if image_key not in names:
-                raise ValueError(f"data.image_key={image_key!r} is not a column of {name}; columns: {names}")
+                raise DataError(f"data.image_key={image_key!r} is not a column of {name}; columns: {names}")
             image_keys = [image_key]
         else:
             typed = [k for k in names if isinstance(features[k], datasets.Image)]
             image_keys = typed + [k for k in IMAGE_KEYS if k in names and k not in typed]
         if not image_keys:
-            raise ValueError(f"no image column found in {name} (columns: {names}); set data.image_key")
+            raise DataError(f"no image column found in {name} (columns: {names}); set data.image_key")
         label_key = next((k for k in LABEL_KEYS if k in names and _is_int_label(features[k])), None)
         if label_key is None:
             logger.info("%s: no integer label column among %s; labels are -1", name, names)
@@ -243,16 +242,16 @@ def open_hf(target: str, split: str, streaming: bool, readers: int = 1) -> Any:
     if path.is_file() or glob.has_magic(target):
         files = [str(path)] if path.is_file() else sorted(glob.glob(os.path.expanduser(target)))
         if not files:
-            raise FileNotFoundError(f"data.source=hf:{target}: no file matches {target!r}")
+            raise DataError(f"data.source=hf:{target}: no file matches {target!r}")
         return _from_files(files, split, streaming)
     if path.is_dir():
         return datasets.load_dataset(str(path), split=split, streaming=streaming)
     if target.startswith(("/", "./", "../", "~")) or path.suffix in _TABLE_BUILDERS:
-        raise FileNotFoundError(f"data.source=hf:{target}: {str(path)!r} does not exist")
+        raise DataError(f"data.source=hf:{target}: {str(path)!r} does not exist")
     try:
         return datasets.load_dataset(target, split=split, streaming=streaming)
     except Exception as error:  # noqa: BLE001 - re-raised with the config key and the cause
-        raise ValueError(f"data.source=hf:{target}: not a local path, and datasets could not load it as a hub "
+        raise DataError(f"data.source=hf:{target}: not a local path, and datasets could not load it as a hub "
                          f"dataset ({type(error).__name__}: {error})") from error
 
 
@@ -285,9 +284,9 @@ def expand_shards(pattern: str) -> list[str]:
         if not found:
             missing.append(item)
     if not files:
-        raise FileNotFoundError(f"data.source=wds:{pattern}: no tar shard matches {pattern!r}")
+        raise DataError(f"data.source=wds:{pattern}: no tar shard matches {pattern!r}")
     if missing:
-        raise FileNotFoundError(f"data.source=wds:{pattern}: {len(missing)} of the named shards do not exist, e.g. "
+        raise DataError(f"data.source=wds:{pattern}: {len(missing)} of the named shards do not exist, e.g. "
                                 f"{', '.join(missing[:3])}; fix the range or finish copying the shards")
     return list(dict.fromkeys(files))
 
@@ -323,7 +322,7 @@ def _from_disk(path: Path, split: str, streaming: bool, target: str, readers: in
     loaded = datasets.load_from_disk(str(path))
     if isinstance(loaded, datasets.DatasetDict):
         if split not in loaded:
-            raise ValueError(f"data.split={split!r} is not in {target}; splits: {list(loaded)}")
+            raise DataError(f"data.split={split!r} is not in {target}; splits: {list(loaded)}")
         loaded = loaded[split]
     return loaded.to_iterable_dataset(num_shards=_disk_shards(len(loaded), readers)) if streaming else loaded
 
@@ -342,7 +341,7 @@ def _from_files(files: list[str], split: str, streaming: bool, builder: str | No
         suffixes = {Path(f).suffix.lower() for f in files}
         builders = {_TABLE_BUILDERS.get(s) for s in suffixes}
         if len(builders) != 1 or None in builders:
-            raise ValueError(f"data.source: cannot tell the format of {files[:3]}...; "
+            raise DataError(f"data.source: cannot tell the format of {files[:3]}...; "
                              f"use files ending in {', '.join(_TABLE_BUILDERS)}")
         builder = builders.pop()
     return datasets.load_dataset(builder, data_files={split: files}, split=split, streaming=streaming)

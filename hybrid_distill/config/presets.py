@@ -9,9 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from hybrid_distill.config import (
+from hybrid_distill.config.schema import (
     Config,
-    ConfigError,
     DataConfig,
     MaskingConfig,
     OptimConfig,
@@ -19,6 +18,7 @@ from hybrid_distill.config import (
     StudentConfig,
     TeacherConfig,
 )
+from hybrid_distill.errors import ConfigError
 
 
 def tiny() -> Config:

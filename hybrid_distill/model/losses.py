@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from hybrid_distill.masking import gather_tokens
-from hybrid_distill.qk_capture import QK
+from hybrid_distill.model.masking import gather_tokens
+from hybrid_distill.model.qk_capture import QK
 
 
 def whiten(tokens: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

@@ -1,0 +1,328 @@
+"""The training loop: build the run, then ``train_step`` after ``train_step`` until done, stopped or failed.
+
+``train.main`` parses and checks the command line, then calls ``run_job``::
+
+    run_job(cfg, args, stop)  ->  build_run  ->  restore  ->  train  ->  train_step  ->  task.losses
+                                                                      ->  save (every ckpt_every)  ->  finish (export)
+
+Everything that talks to other ranks goes through ``runtime`` (engine, checkpoint, distributed, cluster); the
+model code (``model.task``) never does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hybrid_distill.config import Config, save_config, to_dict
+from hybrid_distill.data import build_loader
+from hybrid_distill.data.loader import ImageLoader
+from hybrid_distill.errors import CheckpointError, HybridDistillError
+from hybrid_distill.model.task import HybridDistillTask
+from hybrid_distill.runtime import checkpoint, cluster, distributed, engine, metrics
+from hybrid_distill.runtime.resume import check_resume
+
+log = logging.getLogger("hybrid_distill")
+
+EXIT_BAD_INPUT = 2
+EXIT_NONFINITE = 3
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Setup
+
+
+@dataclass
+class Run:
+    """Runtime state of one job (never written back into the config)."""
+
+    cfg: Config
+    env: cluster.DistEnv
+    device: torch.device
+    run_dir: Path
+    task: HybridDistillTask
+    loader: ImageLoader
+    engine: object
+    accum: int
+    total_steps: int
+    steps_per_epoch: int
+    warmup_steps: int
+    peak_lr: float
+    step: int = 0
+    epoch: int = 0
+    nonfinite: int = 0
+    saved_step: int | None = None  # step of the checkpoint last saved or resumed (the weights on disk)
+
+
+def pick_device(env: cluster.DistEnv) -> torch.device:
+    """This rank's GPU (``local_rank``, or modulo the visible count where the site binds GPUs per task), else CPU."""
+    if torch.cuda.is_available():
+        index = env.device_index(torch.cuda.device_count())
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (identical student initialisation on every rank)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_run(cfg: Config, args: argparse.Namespace, env: cluster.DistEnv, device: torch.device
+              ) -> tuple[Run, Path | None, bool]:
+    """Teachers, data, engine; the checkpoint to resume from (or None) and whether it is a universal one."""
+    run_dir = Path(cfg.run.output_dir)
+    # Cheap checks first: a bad DeepSpeed JSON or checkpoint fails before teachers and data are loaded.
+    ds_config = engine.resolve_ds_config(args.ds_config, cfg, env.world_size, device.type)
+    resume = checkpoint.resolve_resume(args.resume, run_dir)
+    if resume is not None:
+        check_resume(cfg, ds_config, resume, on_purpose=args.resume != "auto")
+    if env.is_main:  # only now: a refused resume leaves the run's config.yaml as it was
+        save_config(cfg, run_dir / "config.yaml")
+        (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
+    universal = resume is not None and checkpoint.needs_universal(resume, env.world_size)
+    if universal:  # saved by another number of processes: DeepSpeed's universal checkpoint
+        resume = checkpoint.ensure_universal(resume, env.world_size)
+        ds_config["checkpoint"] = {"load_universal": True}
+    seed_everything(cfg.run.seed)
+    task = HybridDistillTask(cfg)
+    dtype = getattr(torch, cfg.run.teacher_dtype) if device.type == "cuda" else torch.float32
+    task.place_teachers(device, dtype)
+    loader = build_loader(cfg.data, img_size=cfg.student.img_size, rank=env.rank, world_size=env.world_size,
+                          seed=cfg.run.seed, cache_dir=run_dir / "cache")
+    eng = engine.build_engine(task.trainable, cfg, ds_config)
+    accum = ds_config["gradient_accumulation_steps"]
+    steps_per_epoch = max(1, len(loader) // accum)
+    total = cfg.run.max_steps or math.ceil(cfg.run.epochs * steps_per_epoch)
+    warmup = round(cfg.optim.warmup_epochs * steps_per_epoch)
+    run = Run(cfg, env, device, run_dir, task, loader, eng, accum, total, steps_per_epoch, warmup,
+              engine.peak_lr(cfg))
+    return run, resume, universal
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints of the run
+
+
+def restore(run: Run, resume: Path, universal: bool) -> None:
+    """Load engine state and client state (step, epoch, data position, RNG) from a checkpoint."""
+    client = checkpoint.load(run.engine, resume, load_universal=universal)
+    run.step, run.epoch = client["step"], client["epoch"]
+    run.saved_step = run.step
+    run.loader.set_epoch(run.epoch)  # the trainer owns the epoch; the data position is within it
+    states = client.get("loader_states") or []
+    if states:  # another world size: the loaders map rank 0's global position onto the new layout
+        run.loader.load_state_dict(states[run.env.rank] if len(states) == run.env.world_size else states[0])
+    if not checkpoint.restore_rng_states(client):  # another world size: per-rank states do not map
+        seed_everything(run.cfg.run.seed + 1_000_003 * run.step + run.env.rank)
+        log.info("RNG states not restorable on world size %d: reseeded from (seed, step, rank)", run.env.world_size)
+    log.info("resumed from %s at step %d (epoch %d)", resume, run.step, run.epoch)
+
+
+def save(run: Run) -> None:
+    """Checkpoint with everything needed to continue exactly: step, epoch, per-rank data position and RNG.
+
+    Skipped when this step is already on disk (saved, or resumed from, with no update since): re-saving would
+    first delete that checkpoint, and a crash during the save would then lose it.
+    """
+    if run.saved_step == run.step:
+        log.info("checkpoint for step %d already on disk", run.step)
+        return
+    client = {
+        "step": run.step,
+        "epoch": run.epoch,
+        "config": to_dict(run.cfg),
+        "loader_states": distributed.all_gather_objects(run.loader.state_dict()),
+    }
+    checkpoint.save(run.engine, run.run_dir / "checkpoints", run.step, client, keep_last=run.cfg.run.keep_last)
+    run.saved_step = run.step
+    log.info("saved checkpoint at step %d", run.step)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The loop
+
+
+@dataclass
+class StepResult:
+    """What one ``train_step`` did.
+
+    Attributes:
+        updated: the optimizer stepped (``accum`` finite micro-batches); False when ``run.cfg.run.max_nonfinite``
+            non-finite losses in a row ended the step without an update.
+        losses: loss terms averaged over the micro-batches (this rank), on timed steps only, else empty.
+        times: seconds spent in data, teachers, student (forward + backward) and optimizer, on timed steps only.
+    """
+
+    updated: bool
+    losses: dict[str, float]
+    times: dict[str, float]
+
+
+def batches(run: Run) -> Iterator[dict]:
+    """Micro-batches forever, epoch after epoch, continuing from the loader's restored position."""
+    while True:
+        run.loader.set_epoch(run.epoch)
+        yield from run.loader
+        run.epoch += 1
+
+
+def sync(device: torch.device) -> float:
+    """``time.perf_counter()`` after the device has finished its queued work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def train_step(run: Run, data: Iterator[dict], timed: bool) -> StepResult:
+    """One optimizer step: ``accum`` finite micro-batches through teachers, student and backward.
+
+    On ``timed`` (logging) steps the device is synchronised around each part to split the time; otherwise never.
+    A micro-batch whose loss is non-finite on any rank is skipped by every rank (no backward), so the weights
+    never see it; ``run.nonfinite`` counts them in a row.
+    """
+    eng, task, dev = run.engine, run.task, run.device
+    engine.set_lr(eng, engine.lr_at(run.step, run.total_steps, run.warmup_steps, run.peak_lr, run.cfg.optim.min_lr))
+    times = dict.fromkeys(("time_data", "time_teachers", "time_student", "time_optimizer"), 0.0)
+    total, keys, done = None, (), 0
+    while done < run.accum:
+        t0 = sync(dev) if timed else 0.0
+        images = next(data)["images"].to(dev, non_blocking=True)
+        t1 = sync(dev) if timed else 0.0
+        targets = task.targets(images)
+        t2 = sync(dev) if timed else 0.0
+        out = task.losses(images, targets, student=eng)
+        if distributed.any_rank(~torch.isfinite(out["loss"].detach())):  # the one host sync per micro-batch
+            run.nonfinite += 1
+            log.warning("non-finite loss at step %d (%d in a row); micro-batch skipped", run.step, run.nonfinite)
+            if run.nonfinite >= run.cfg.run.max_nonfinite:
+                return StepResult(updated=False, losses={}, times={})
+            continue
+        eng.backward(out["loss"])
+        t3 = sync(dev) if timed else 0.0
+        eng.step()
+        t4 = sync(dev) if timed else 0.0
+        run.nonfinite, done = 0, done + 1
+        keys, values = tuple(out), torch.stack([v.detach().float() for v in out.values()])
+        total = values if total is None else total + values
+        for k, dt in zip(times, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
+            times[k] += dt
+    if not timed:
+        return StepResult(updated=True, losses={}, times={})
+    return StepResult(updated=True, losses=dict(zip(keys, (total / run.accum).tolist(), strict=True)), times=times)
+
+
+def step_metrics(run: Run, result: StepResult, dt: float, images: int) -> dict[str, float]:
+    """The logged line: loss terms and times averaged over ranks, lr, grad norm, throughput."""
+    sums = {**result.losses, **result.times}
+    keys = sorted(sums)
+    t = distributed.all_reduce_sum(torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=run.device))
+    values = {k: v / run.env.world_size for k, v in zip(keys, t.tolist(), strict=True)}
+    grad_norm = engine.grad_norm(run.engine)
+    values.update(
+        epoch=run.step / run.steps_per_epoch,
+        lr=run.engine.optimizer.param_groups[0]["lr"],
+        grad_norm=grad_norm if grad_norm is not None else float("nan"),
+        skipped_steps=engine.skipped_steps(run.engine),
+        bad_samples=int(run.loader.bad_samples),
+        images_per_s=images / dt,
+        images_per_s_per_device=images / dt / run.env.world_size,
+        world_size=run.env.world_size,
+    )
+    return values
+
+
+def train(run: Run, stop: cluster.StopRequest, logger: metrics.MetricsLogger) -> int:
+    """Run until ``total_steps``, a stop request, or too many non-finite losses; returns the exit code."""
+    cfg = run.cfg.run
+    data = batches(run)
+    first_step = run.step
+    t_last, step_last = time.perf_counter(), run.step
+    while run.step < run.total_steps:
+        timed = (run.step + 1) % cfg.log_every == 0
+        result = train_step(run, data, timed)
+        if not result.updated:
+            save(run)
+            log.error("stopping: %d non-finite losses in a row at step %d; checkpoint saved (lower optim.base_lr "
+                      "or check the data), resume with --resume auto", run.nonfinite, run.step)
+            return EXIT_NONFINITE
+        run.step += 1
+        if timed:
+            now = time.perf_counter()
+            images = (run.step - step_last) * run.cfg.optim.global_batch_size
+            logger.log(run.step, step_metrics(run, result, now - t_last, images))
+            t_last, step_last = now, run.step
+        finished = run.step >= run.total_steps
+        if finished or run.step % cfg.ckpt_every == 0:
+            save(run)
+        if finished:
+            break
+        planned = cfg.stop_after_steps is not None and run.step - first_step >= cfg.stop_after_steps
+        if stop.should_stop(run.device) or planned:
+            if run.step % cfg.ckpt_every:
+                save(run)
+            log.info("stopping at step %d (%s); resume with --resume auto", run.step, stop.reason or "stop_after_steps")
+            return cluster.EXIT_REQUEUE
+    return 0
+
+
+def finish(run: Run) -> None:
+    """Export the student as a timm checkpoint (main rank)."""
+    if run.cfg.run.export_at_end and run.env.is_main:
+        from hybrid_distill.export import export_student
+
+        tag_dir = run.run_dir / "checkpoints" / checkpoint.tag_name(run.step)  # this run's, not the newest
+        out = export_student(tag_dir, run.run_dir / "export")
+        log.info("exported the student to %s", out)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The job
+
+
+def run_job(cfg: Config, args: argparse.Namespace, stop: cluster.StopRequest) -> int:
+    """Set up ranks, build, resume, train, export. Returns the process exit code."""
+    env = cluster.setup_dist_env()
+    run_dir = Path(cfg.run.output_dir)
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    metrics.setup_logging(run_dir, env.is_main)
+    device = pick_device(env)
+    distributed.init(device, cluster.dist_timeout())
+    try:
+        run, resume, universal = build_run(cfg, args, env, device)
+    except HybridDistillError as e:
+        log.error("error: %s", e)
+        return EXIT_BAD_INPUT
+    if resume is not None:
+        try:
+            restore(run, resume, universal)
+        except CheckpointError as e:
+            older = ", ".join(str(p) for p in checkpoint.older_checkpoints(resume)[:3]) or "none"
+            log.error("error: cannot resume: %s\nOlder complete checkpoints: %s. Pass one with --resume PATH (or "
+                      "move the bad one away), or check that --ds_config matches the run's", e, older)
+            return EXIT_BAD_INPUT
+    logger = metrics.MetricsLogger(run_dir, cfg.run, env.is_main, run.total_steps, config=to_dict(cfg),
+                                   initial_step=run.step)
+    log.info("%s | %d steps (%d per epoch), accumulation %d, world size %d", env.describe(), run.total_steps,
+             run.steps_per_epoch, run.accum, env.world_size)
+    try:
+        code = train(run, stop, logger)
+    finally:
+        logger.close()
+    if code == 0:
+        finish(run)
+    distributed.barrier()  # no rank exits (and trips srun --kill-on-bad-exit) while rank 0 still writes
+    return code

@@ -1,0 +1,1 @@
+"""Running at scale: the DeepSpeed engine, checkpoints, ranks/SLURM/preemption, and run logging."""

@@ -1,0 +1,74 @@
+"""The one set of ``torch.distributed`` helpers; each also works without a process group (one process).
+
+Model, loss and kernel code never import this module: only the runtime (engine, checkpoints, the stop
+agreement) and the training loop talk to other ranks.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+def initialized() -> bool:
+    """Whether a default process group exists."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    """Global rank (0 without a process group)."""
+    return dist.get_rank() if initialized() else 0
+
+
+def world_size() -> int:
+    """Number of processes (1 without a process group)."""
+    return dist.get_world_size() if initialized() else 1
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op without a process group)."""
+    if initialized():
+        dist.barrier()
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """``obj`` of every rank, indexed by rank (picklable objects)."""
+    if not initialized():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def all_reduce_max(value: int, device: Any = None) -> int:
+    """MAX of the integer ``value`` over all ranks."""
+    if not initialized():
+        return value
+    tensor = torch.tensor([value], dtype=torch.int64, device=device if device is not None else "cpu")
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
+
+
+def any_rank(flag: torch.Tensor) -> bool:
+    """True on every rank when the boolean tensor ``flag`` is true on any rank (keeps collectives in step)."""
+    t = flag.float().reshape(1)
+    if initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """Element-wise sum of ``values`` over all ranks (in place; returned)."""
+    if initialized():
+        dist.all_reduce(values)
+    return values
+
+
+def init(device: torch.device, timeout: timedelta) -> None:
+    """Create the default process group through DeepSpeed: NCCL on CUDA, gloo on CPU."""
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", timeout=timeout)
