@@ -103,7 +103,7 @@ def test_numbers_must_agree_with_training_config(tmp_path):
 
 def test_omitted_keys_are_filled_and_explicit_bf16_kept(tmp_path):
     ds = resolve_ds_config(_write(tmp_path, {"bf16": {"enabled": True}}), tiny_config(clip_grad=0.0), 1, "cpu")
-    assert ds["gradient_clipping"] == 0.0  # explicit: DeepSpeed >= 0.19.3 would default to 1.0 (DESIGN 6)
+    assert ds["gradient_clipping"] == 0.0  # explicit: DeepSpeed >= 0.19.3 would default to 1.0 (docs/dependencies.md)
     assert ds["bf16"]["enabled"] is True
     assert ds["train_batch_size"] == 2
 

@@ -1,4 +1,4 @@
-"""Hybrid loss terms (DESIGN 1.3, 1.4, 1.6) against explicit float64 computations written here."""
+"""Hybrid loss terms (docs/algorithm.md) against explicit float64 computations written here."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Progressive redundant-token masking (DESIGN 1.2, paper Eq. 4) against a brute-force recomputation."""
+"""Progressive redundant-token masking (paper Eq. 4, docs/algorithm.md) against a brute-force recomputation."""
 
 from __future__ import annotations
 

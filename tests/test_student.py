@@ -1,4 +1,4 @@
-"""The kept-token student (DESIGN 1.7): same maths as running its timm blocks by hand on the gathered tokens."""
+"""The kept-token student (docs/algorithm.md): same maths as running its timm blocks by hand on the gathered tokens."""
 
 from __future__ import annotations
 

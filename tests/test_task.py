@@ -1,4 +1,4 @@
-"""The Hybrid Distillation task (DESIGN 1.1, 1.6): loss dict, frozen teachers, per-teacher inputs, overfitting."""
+"""The Hybrid Distillation task (docs/algorithm.md): loss dict, frozen teachers, per-teacher inputs, overfitting."""
 
 from __future__ import annotations
 

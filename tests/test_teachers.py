@@ -1,4 +1,4 @@
-"""Frozen teachers (DESIGN 1.1-1.5): relation targets, masking, grid alignment, features, checkpoints.
+"""Frozen teachers (docs/algorithm.md): relation targets, masking, grid alignment, features, checkpoints.
 
 Every expected value is computed here from the module's own weights (patch conv, position embeddings, pre-norm,
 qkv / in_proj weights) or with timm's / open_clip's own forward, never through ``hybrid_distill.model.teachers``.

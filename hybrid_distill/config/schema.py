@@ -54,7 +54,7 @@ class TeacherConfig:
 
 @dataclass
 class MaskingConfig:
-    """Progressive redundant-token masking (paper Eq. 4, DESIGN 1.2)."""
+    """Progressive redundant-token masking (paper Eq. 4, docs/algorithm.md)."""
 
     drop_ratio: float = 0.3  # K: fraction of the kept patch tokens dropped at each masking layer
     layers: list[int] | None = None  # MIM-teacher blocks scored; None: [0, L//3, 2L//3]

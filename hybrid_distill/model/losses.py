@@ -1,4 +1,4 @@
-"""The two terms of the hybrid loss (paper Eq. 1, DESIGN 1.3-1.4, 1.6).
+"""The two terms of the hybrid loss (paper Eq. 1-3, docs/algorithm.md).
 
 * feature loss: smooth-L1_beta between the student head's output and the feature teacher's last-block tokens
   whitened by a parameter-free LayerNorm, at CLS + kept positions;

@@ -1,4 +1,4 @@
-"""Progressive redundant-token masking (paper Eq. 4, DESIGN 1.2).
+"""Progressive redundant-token masking (paper Eq. 4, docs/algorithm.md).
 
 At each masking layer of the MIM teacher, among the patch tokens still kept, the tokens most similar
 (cosine) to their mean token are redundant: the ``K`` fraction with the highest score is dropped. Prefix

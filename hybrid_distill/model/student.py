@@ -1,4 +1,4 @@
-"""The student: a plain timm ``VisionTransformer`` run on CLS + kept tokens (DESIGN 1.7), plus its feature head.
+"""The student: a plain timm ``VisionTransformer`` run on CLS + kept tokens (docs/algorithm.md), plus its feature head.
 
 The student is randomly initialised and exported as an ordinary timm state dict, so it only ever uses
 timm's own modules. The kept-token forward patch-embeds *all* patches (position embeddings need the full

@@ -13,7 +13,7 @@ The trainer calls, in this order::
             dist.barrier()                         # after the last file is written (logs, plots) ...
             sys.exit(cluster.EXIT_REQUEUE)         # ... so all ranks exit 75 together; the scripts requeue
 
-Rank discovery (DESIGN §6): ``RANK`` set means a launcher (deepspeed, torchrun) already did the work. Else a
+Rank discovery (docs/dependencies.md): ``RANK`` set means a launcher (deepspeed, torchrun) already did the work. Else a
 SLURM task started by ``srun`` (``SLURM_STEP_ID`` set) is mapped: ``SLURM_PROCID/LOCALID`` and the step's task
 count become ``RANK/LOCAL_RANK/WORLD_SIZE``, ``MASTER_ADDR`` is the ``NodeAddr`` of the step's first node (node
 names may not resolve) and ``MASTER_PORT`` is derived from the job id, so all tasks agree without talking.

@@ -9,7 +9,7 @@ Three pieces, used by the training loop in this order::
         ...                                                                      # forward/backward/step
 
 The DeepSpeed JSON holds engine knobs only (ZeRO stage, buckets, offload, bf16 switch); batch sizes,
-accumulation and clipping come from the training config, so no setting lives in two places (DESIGN 2, 6).
+accumulation and clipping come from the training config, so no setting lives in two places (docs/dependencies.md).
 The learning-rate schedule is ours and applied per optimizer step; DeepSpeed gets no scheduler.
 """
 
@@ -52,7 +52,7 @@ ZERO_OBJECT_SECTIONS = {
 def resolve_ds_config(path: str | Path, cfg: Config, world_size: int, device_type: str) -> dict[str, Any]:
     """Load a DeepSpeed JSON and fill in every ``"auto"`` from the training config.
 
-    DeepSpeed 0.19 does not resolve ``"auto"`` itself (DESIGN 6), so this does, and rejects any that remain.
+    DeepSpeed 0.19 does not resolve ``"auto"`` itself (docs/dependencies.md), so this does, and rejects any that remain.
 
     * ``train_micro_batch_size_per_gpu`` = ``data.batch_size``
     * ``gradient_accumulation_steps`` = ``optim.global_batch_size / (data.batch_size * world_size)``
@@ -218,7 +218,7 @@ def build_engine(module: nn.Module, cfg: Config, ds_config: dict[str, Any]) -> A
     """Wrap the trainable module in a DeepSpeed engine with our AdamW as client optimizer.
 
     Only trainable parameters may be in ``module``: frozen ones (e.g. a teacher attached by mistake) are an
-    error, because they have a history of bugs inside ZeRO (DESIGN 6). With ``offload_optimizer`` to CPU the
+    error, because they have a history of bugs inside ZeRO (docs/dependencies.md). With ``offload_optimizer`` to CPU the
     optimizer is DeepSpeed's ``DeepSpeedCPUAdam`` in AdamW mode (same maths; DeepSpeed refuses a torch
     optimizer there), built as a JIT C++ op on first use. The process group must already exist
     (``deepspeed.init_distributed``).
@@ -270,5 +270,5 @@ def grad_norm(engine: Any) -> float | None:
 
 
 def skipped_steps(engine: Any) -> int:
-    """Optimizer steps DeepSpeed skipped so far (overflowing bf16/fp16 gradients); log it (DESIGN 6)."""
+    """Optimizer steps DeepSpeed skipped so far (overflowing bf16/fp16 gradients); log it (docs/dependencies.md)."""
     return int(getattr(engine, "skipped_steps", 0))
