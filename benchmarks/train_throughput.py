@@ -51,13 +51,13 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import kernels  # noqa: E402
-from hybrid_distill.model import losses  # noqa: E402
-from hybrid_distill.runtime import engine  # noqa: E402
 from hybrid_distill.config import Config, load_config, set_key, validate  # noqa: E402
+from hybrid_distill.model import losses  # noqa: E402
 from hybrid_distill.model.masking import keep_schedule  # noqa: E402
 from hybrid_distill.model.qk_capture import attention_of, head_dims  # noqa: E402
 from hybrid_distill.model.task import HybridDistillTask, Targets  # noqa: E402
 from hybrid_distill.model.teachers import Teacher  # noqa: E402
+from hybrid_distill.runtime import engine  # noqa: E402
 
 # open_clip towers of the presets and their timm equivalents (same architecture; the GPU image has no open_clip)
 TIMM_CLIP = {"ViT-L-14": "vit_large_patch14_clip_224.openai", "ViT-B-16": "vit_base_patch16_clip_224.openai"}

@@ -23,7 +23,7 @@ import contextlib
 import json
 import math
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +33,6 @@ from torch import nn
 from hybrid_distill.model.qk_capture import capture_qk
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
-DEFAULT_MEAN = (0.485, 0.456, 0.406)
-DEFAULT_STD = (0.229, 0.224, 0.225)
 
 
 def _pair(value: int | Sequence[int]) -> tuple[int, int]:
@@ -238,24 +236,23 @@ def _block_entry(index: int, dist: torch.Tensor, nmi: torch.Tensor) -> dict[str,
 # ---------------------------------------------------------------------------------------------- model + images
 
 
-def load_model(spec: str, pretrained: bool = False) -> tuple[nn.Module, tuple[float, ...], tuple[float, ...]]:
-    """An exported student directory or a timm model name -> ``(model, mean, std)`` (model in eval mode).
+def load_model(spec: str, pretrained: bool = False) -> nn.Module:
+    """An exported student directory or a timm model name -> the model in eval mode.
 
     An export directory (written by ``python -m hybrid_distill.export``) holds ``export.json`` (``model`` or
     ``model_name``, ``kwargs``, ``weights``, ``mean``, ``std``) and ``model.safetensors``; a directory with only
     timm's ``config.json`` is loaded as ``local-dir:``. Anything else is a timm model name, randomly initialised
-    unless ``pretrained``.
+    unless ``pretrained``. The model's ``pretrained_cfg`` carries its input normalisation (the export's mean/std).
     """
     import timm
 
     path = Path(spec)
-    info: dict[str, Any] = {}
     if path.is_dir() and (path / "export.json").is_file():
         info = json.loads((path / "export.json").read_text())
-        weights = path / info.get("weights", "model.safetensors")
-        name = info.get("model_name") or info["model"]
-        model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(weights)),
-                                  **info.get("kwargs", {}))
+        overlay = dict(file=str(path / info.get("weights", "model.safetensors")))
+        overlay.update({k: tuple(info[k]) for k in ("mean", "std") if info.get(k)})
+        model = timm.create_model(info.get("model_name") or info["model"], pretrained=True,
+                                  pretrained_cfg_overlay=overlay, **info.get("kwargs", {}))
     elif path.is_dir() and (path / "config.json").is_file():
         model = timm.create_model(f"local-dir:{path}", pretrained=True)
     elif path.exists():
@@ -263,10 +260,16 @@ def load_model(spec: str, pretrained: bool = False) -> tuple[nn.Module, tuple[fl
                                 "(config.json)")
     else:
         model = timm.create_model(spec, pretrained=pretrained, num_classes=0)
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    mean = tuple(info.get("mean") or cfg.get("mean") or DEFAULT_MEAN)
-    std = tuple(info.get("std") or cfg.get("std") or DEFAULT_STD)
-    return model.eval(), mean, std
+    return model.eval()
+
+
+def eval_transform(model: nn.Module) -> Callable[[Any], torch.Tensor]:
+    """timm's evaluation transform for ``model`` (resize, centre crop, normalise with its ``pretrained_cfg``), at the
+    model's own input size (a ``pretrained_cfg`` may still name the 224 px of the architecture's tag)."""
+    from timm.data import create_transform, resolve_data_config
+
+    size = (3, *_pair(model.patch_embed.img_size))
+    return create_transform(**resolve_data_config({"input_size": size}, model=model))
 
 
 def image_files(folder: str | Path) -> list[Path]:
@@ -274,21 +277,12 @@ def image_files(folder: str | Path) -> list[Path]:
     return sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def load_image(path: str | Path, size: tuple[int, int], mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """RGB image, shorter side resized (bicubic) to cover ``size`` = (h, w), center-cropped, normalised: (3, h, w)."""
-    import numpy as np
+def load_image(path: str | Path, transform: Callable[[Any], torch.Tensor]) -> torch.Tensor:
+    """An RGB image through ``transform`` (e.g. ``eval_transform(model)``): ``(3, h, w)``."""
     from PIL import Image
 
-    h, w = size
     with Image.open(path) as img:
-        img = img.convert("RGB")
-        scale = max(h / img.height, w / img.width)
-        new = (max(w, round(img.width * scale)), max(h, round(img.height * scale)))
-        img = img.resize(new, Image.Resampling.BICUBIC)
-        left, top = (new[0] - w) // 2, (new[1] - h) // 2
-        img = img.crop((left, top, left + w, top + h))
-        x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (3, h, w)
-    return (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+        return transform(img.convert("RGB"))
 
 
 def synthetic_images(n: int, size: tuple[int, int], seed: int = 0) -> torch.Tensor:
@@ -299,16 +293,16 @@ def synthetic_images(n: int, size: tuple[int, int], seed: int = 0) -> torch.Tens
     return torch.nn.functional.interpolate(low, size=(h, w), mode="bilinear", align_corners=False)
 
 
-def load_images(source: str, model: nn.Module, num_images: int, mean: Sequence[float], std: Sequence[float],
-                seed: int = 0) -> torch.Tensor:
-    """``num_images`` images at the model's input size from a folder (first ones by path) or ``synthetic``."""
-    size = _pair(model.patch_embed.img_size)
+def load_images(source: str, model: nn.Module, num_images: int, seed: int = 0) -> torch.Tensor:
+    """``num_images`` images from a folder (first ones by path, timm's eval transform for ``model``) or
+    ``synthetic`` (at the model's input size)."""
     if source == "synthetic":
-        return synthetic_images(num_images, size, seed)
+        return synthetic_images(num_images, _pair(model.patch_embed.img_size), seed)
     files = image_files(source)[:num_images]
     if not files:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {source!r}")
-    return torch.stack([load_image(f, size, mean, std) for f in files])
+    transform = eval_transform(model)
+    return torch.stack([load_image(f, transform) for f in files])
 
 
 # ---------------------------------------------------------------------------------------------- output + CLI
@@ -352,8 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic images")
     args = parser.parse_args(argv)
     try:
-        model, mean, std = load_model(args.model, pretrained=args.pretrained)
-        images = load_images(args.images, model, args.num_images, mean, std, seed=args.seed)
+        model = load_model(args.model, pretrained=args.pretrained)
+        images = load_images(args.images, model, args.num_images, seed=args.seed)
     except (FileNotFoundError, RuntimeError, KeyError, ValueError) as e:
         print(f"analysis: error: {e}", file=sys.stderr)
         return 2

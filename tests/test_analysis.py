@@ -15,7 +15,9 @@ from hybrid_distill.analysis import (
     attention_maps,
     attention_nmi,
     average_head_distance,
+    eval_transform,
     load_image,
+    load_model,
     main,
     nmi_per_image,
 )
@@ -239,6 +241,13 @@ def test_analyse_streams_chunks_consistently(vit):
 # ---------------------------------------------------------------------------------------------- images + CLI
 
 
+def _transform(size, mean, std):
+    """timm's eval transform without the crop margin: resize to cover ``size``, centre crop, normalise."""
+    from timm.data import create_transform
+
+    return create_transform(input_size=(3, *size), crop_pct=1.0, interpolation="bicubic", mean=mean, std=std)
+
+
 def test_load_image_resize_center_crop_normalise(tmp_path):
     from PIL import Image
 
@@ -246,11 +255,11 @@ def test_load_image_resize_center_crop_normalise(tmp_path):
     for i, colour in enumerate([(255, 0, 0), (0, 255, 0), (0, 0, 255)]):
         img.paste(colour, (16 * i, 0, 16 * (i + 1), 16))
     img.save(tmp_path / "bands.png")
-    x = load_image(tmp_path / "bands.png", (16, 16), mean=(0.5, 0.5, 0.5), std=(0.25, 0.5, 1.0))
+    x = load_image(tmp_path / "bands.png", _transform((16, 16), mean=(0.5, 0.5, 0.5), std=(0.25, 0.5, 1.0)))
     assert x.shape == (3, 16, 16)  # shorter side already 16: no resize, centre crop keeps the green band
     torch.testing.assert_close(x[:, 0, 0], torch.tensor([-2.0, 1.0, -0.5]))
     Image.new("RGB", (40, 30), (51, 102, 204)).save(tmp_path / "flat.jpg", quality=100)
-    y = load_image(tmp_path / "flat.jpg", (8, 12), mean=(0, 0, 0), std=(1, 1, 1))
+    y = load_image(tmp_path / "flat.jpg", _transform((8, 12), mean=(0, 0, 0), std=(1, 1, 1)))
     assert y.shape == (3, 8, 12)
     torch.testing.assert_close(y.mean((1, 2)), torch.tensor([0.2, 0.4, 0.8]), atol=0.01, rtol=0)
 
@@ -290,7 +299,9 @@ def test_cli_export_dir_with_image_folder_and_plot(tmp_path, vit):
     result = json.loads(out.read_text())
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     files = [tmp_path / "imgs" / "0.png", tmp_path / "imgs" / "sub" / "1.png", tmp_path / "imgs" / "sub" / "2.png"]
-    images = torch.stack([load_image(f, (32, 32), (0.5,) * 3, (0.5,) * 3) for f in files])
+    transform = eval_transform(load_model(str(export)))  # timm's, from the export's pretrained_cfg (mean/std 0.5)
+    assert transform.transforms[-1].mean.tolist() == [0.5] * 3
+    images = torch.stack([load_image(f, transform) for f in files])
     direct = analyse(vit, images)  # same weights as the export, same images
     assert result["num_images"] == 3
     for got, want in zip(result["blocks"], direct["blocks"], strict=True):

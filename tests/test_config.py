@@ -55,6 +55,13 @@ def test_defaults_match_the_design():
     assert cfg.masking.teacher_prunes is False and cfg.loss.head_reduce == "none"
 
 
+def test_student_normalisation_defaults_are_timms_imagenet_constants():
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    cfg = Config()
+    assert cfg.student.mean == IMAGENET_DEFAULT_MEAN and cfg.student.std == IMAGENET_DEFAULT_STD
+
+
 @pytest.mark.parametrize(
     "override, key, expected",
     [

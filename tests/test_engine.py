@@ -157,6 +157,12 @@ NO_DECAY_PATTERN = re.compile(r"(\.bias$|(^|\.)norm\d?\.weight$|(^|\.)pos_embed$
                               r"|\.ls\d\.gamma$)")
 
 
+def _names(module, groups):
+    """Groups as ``{weight_decay: [parameter names]}`` (parameters matched by identity)."""
+    by_id = {id(p): n for n, p in module.named_parameters()}
+    return {g["weight_decay"]: [by_id[id(p)] for p in g["params"]] for g in groups}
+
+
 def test_param_groups_split_by_name():
     model = _vit_with_everything()
     model.head.weight.requires_grad_(False)  # frozen parameters are left out
@@ -164,22 +170,19 @@ def test_param_groups_split_by_name():
     expected_no_decay = {n for n in names if NO_DECAY_PATTERN.search(n)}
     assert {"pos_embed", "cls_token", "reg_token", "norm.weight", "blocks.0.norm1.weight", "blocks.1.ls2.gamma",
             "blocks.0.attn.qkv.bias"} <= expected_no_decay
-    groups = param_groups(model, weight_decay=0.05)
-    decay, no_decay = groups
-    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
-    assert set(no_decay["names"]) == expected_no_decay
-    assert set(decay["names"]) == set(names) - expected_no_decay
-    assert "head.weight" not in decay["names"] + no_decay["names"]
-    params = dict(model.named_parameters())
-    for group in groups:
-        assert all(p is params[n] for n, p in zip(group["names"], group["params"], strict=True))
+    groups = _names(model, param_groups(model, weight_decay=0.05))
+    assert sorted(groups) == [0.0, 0.05]
+    assert set(groups[0.0]) == expected_no_decay
+    assert set(groups[0.05]) == set(names) - expected_no_decay
+    assert "head.weight" not in groups[0.05] + groups[0.0]
 
 
 def test_param_groups_on_trainable_module_prefixes():
-    groups = param_groups(tiny_trainable(), weight_decay=0.1)
-    no_decay = set(groups[1]["names"])
+    model = tiny_trainable()
+    groups = _names(model, param_groups(model, weight_decay=0.1))
+    no_decay = set(groups[0.0])
     assert {"student.pos_embed", "student.cls_token", "head.bias"} <= no_decay
-    assert "head.weight" in groups[0]["names"] and "student.patch_embed.proj.weight" in groups[0]["names"]
+    assert "head.weight" in groups[0.1] and "student.patch_embed.proj.weight" in groups[0.1]
 
 
 # ---------------------------------------------------------------------------------------------------------------

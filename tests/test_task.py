@@ -269,3 +269,28 @@ def test_overfitting_one_batch_lowers_both_loss_terms():
     assert last["feature_loss"].item() < 0.25 * first["feature_loss"]
     assert last["relation_loss"].item() < 0.5 * first["relation_loss"]
     assert last["relation_loss"].item() < 0.8 * zero  # it learned the teacher's relations, not just to shrink its own
+
+
+# The paper's recipes, built on the meta device (no weights, no download): architecture, grid alignment, masking
+# layers and the relation blocks come out as the paper states them.
+PAPER_RECIPES = [
+    # preset, student (width, depth, heads), MIM depth, masking layers, feature teacher px, feature width
+    ("vitb_in1k_deit_mae", (768, 12, 12), 12, [0, 4, 8], 224, 768),
+    ("vitb_in1k_clip_mae", (768, 12, 12), 12, [0, 4, 8], 224, 768),
+    ("vitl_in21k_clip_mae", (1024, 24, 16), 24, [0, 8, 16], 196, 1024),  # CLIP-L/14 at 196 px: a 14x14 grid
+]
+
+
+@pytest.mark.parametrize("preset, student, mim_depth, layers, feature_px, feature_dim", PAPER_RECIPES)
+def test_paper_presets_build_on_the_meta_device(preset, student, mim_depth, layers, feature_px, feature_dim):
+    cfg = load_config(preset=preset, overrides=["mim_teacher.weights=random", "feature_teacher.weights=random"])
+    with torch.device("meta"):
+        task = HybridDistillTask(cfg)
+    s = task.trainable.student
+    assert (s.embed_dim, len(s.blocks), task.trainable.num_heads) == student
+    assert task.trainable.grid_size == (14, 14) and task.feature_teacher.backbone.grid_size == (14, 14)
+    assert task.mim_teacher.depth == mim_depth and task.mask_layers == layers
+    assert task.trainable.relation_blocks == (student[1] - 3, student[1] - 2)
+    assert task.feature_teacher.img_size == feature_px
+    assert task.trainable.head.out_features == feature_dim
+    assert task.mim_teacher.num_heads == task.trainable.num_heads

@@ -23,7 +23,8 @@ class StudentConfig:
     num_heads: int | None = None
     drop_path_rate: float = 0.0
     # Input normalisation the student is trained with (recorded in the export's pretrained_cfg). ImageNet's, as
-    # MAE/dBOT and their fine-tuning recipes use; timm's own tag for a model name may differ (augreg: 0.5/0.5).
+    # MAE/dBOT and their fine-tuning recipes use (timm.data.IMAGENET_DEFAULT_MEAN/STD, written out because the config
+    # imports no timm; a test keeps them equal); timm's own tag for a model name may differ (augreg: 0.5/0.5).
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
 

@@ -31,9 +31,6 @@ from hybrid_distill.model.masking import gather_tokens, keep_count, least_redund
 from hybrid_distill.model.qk_capture import QK, attention_of, capture_qk, head_dims
 from hybrid_distill.model.weights import load_open_clip_file, load_timm_file
 
-OPENAI_MEAN, OPENAI_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Building: architecture, grid alignment, weights
 
@@ -93,7 +90,7 @@ def build_open_clip(cfg: TeacherConfig, img_size: int) -> OpenClipBackbone:
     tag = cfg.pretrained_tag if cfg.weights == "pretrained" else None
     try:
         model = open_clip.create_model(cfg.model, pretrained=tag, force_quick_gelu=cfg.force_quick_gelu,
-                                       force_image_size=img_size)
+                                       force_image_size=img_size, device=torch.get_default_device())
     except RuntimeError as e:
         raise ConfigError(f"cannot build open_clip teacher {cfg.model!r} (pretrained={tag!r}): {e}") from e
     if cfg.weights not in ("random", "pretrained"):
@@ -113,6 +110,7 @@ def open_clip_mean_std(cfg: TeacherConfig, visual: nn.Module) -> tuple[tuple[flo
         ConfigError: ``pretrained_tag`` is not one of open_clip's tags for ``model``.
     """
     import open_clip
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
     values = open_clip.get_model_preprocess_cfg(visual)  # open_clip's defaults are OpenAI's
     if cfg.pretrained_tag and cfg.weights != "pretrained":
@@ -121,8 +119,8 @@ def open_clip_mean_std(cfg: TeacherConfig, visual: nn.Module) -> tuple[tuple[flo
             known = open_clip.list_pretrained_tags_by_model(cfg.model)
             raise ConfigError(f"pretrained_tag={cfg.pretrained_tag!r} is not an open_clip tag of {cfg.model!r}; "
                               f"known tags: {known or 'none'} (or leave it unset and set mean/std)")
-    mean = cfg.mean or values.get("mean") or OPENAI_MEAN
-    std = cfg.std or values.get("std") or OPENAI_STD
+    mean = cfg.mean or values.get("mean") or OPENAI_DATASET_MEAN
+    std = cfg.std or values.get("std") or OPENAI_DATASET_STD
     return tuple(mean), tuple(std)
 
 

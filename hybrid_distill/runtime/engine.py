@@ -27,8 +27,6 @@ from hybrid_distill.config import Config, peak_lr  # peak_lr: re-exported (engin
 from hybrid_distill.config.files import check_ds_config_file
 from hybrid_distill.errors import ConfigError
 
-# Parameters named like this (last dotted component) get no weight decay, whatever their rank.
-NO_DECAY_NAMES = frozenset({"pos_embed", "cls_token", "reg_token", "dist_token"})
 # Sections that would make DeepSpeed build its own optimizer or scheduler; we pass a client optimizer and
 # set the lr ourselves every step.
 FORBIDDEN_SECTIONS = ("optimizer", "scheduler")
@@ -167,27 +165,30 @@ def _find_auto(node: Any, prefix: str = "") -> list[str]:
 # Optimizer and learning rate
 
 
-def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW parameter groups: weight decay on matrices, none on norms, biases, position embedding and CLS.
+def no_weight_decay_names(module: nn.Module) -> set[str]:
+    """Full names of the parameters that timm models exclude from weight decay (``no_weight_decay()``:
+    position embedding, CLS and register tokens), for every submodule that declares them."""
+    names = set()
+    for prefix, sub in module.named_modules():
+        if callable(getattr(sub, "no_weight_decay", None)):
+            names |= {f"{prefix}.{n}" if prefix else n for n in sub.no_weight_decay()}
+    return names
 
-    A parameter goes to the no-decay group when it has at most one dimension (norm weights, biases, LayerScale
-    gammas) or its name ends in one of ``NO_DECAY_NAMES`` (``pos_embed``, ``cls_token``, ``reg_token``,
-    ``dist_token``). Frozen parameters (``requires_grad=False``) are left out.
+
+def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW parameter groups by timm's rule: no weight decay on norms, biases, position embedding and CLS.
+
+    ``timm.optim.param_groups_weight_decay``: a parameter has no decay when it has at most one dimension (norm
+    weights, biases, LayerScale gammas), its name ends in ``.bias``, or it is in a submodule's
+    ``no_weight_decay()`` (``no_weight_decay_names``). Frozen parameters (``requires_grad=False``) are left out.
 
     Returns:
-        ``[{"params": decay, "weight_decay": weight_decay, "names": [...]},
-        {"params": no_decay, "weight_decay": 0.0, "names": [...]}]``; empty groups are dropped.
+        ``[{"params": [...], "weight_decay": 0.0}, {"params": [...], "weight_decay": weight_decay}]``; empty
+        groups are dropped.
     """
-    decay: list[tuple[str, nn.Parameter]] = []
-    no_decay: list[tuple[str, nn.Parameter]] = []
-    for name, param in module.named_parameters():
-        if not param.requires_grad:
-            continue
-        skip = param.ndim <= 1 or name.rsplit(".", 1)[-1] in NO_DECAY_NAMES
-        (no_decay if skip else decay).append((name, param))
-    groups = [(decay, weight_decay), (no_decay, 0.0)]
-    return [{"params": [p for _, p in items], "weight_decay": wd, "names": [n for n, _ in items]}
-            for items, wd in groups if items]
+    from timm.optim import param_groups_weight_decay
+
+    return param_groups_weight_decay(module, weight_decay, no_weight_decay_list=no_weight_decay_names(module))
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, peak_lr: float, min_lr: float) -> float:
@@ -238,7 +239,7 @@ def build_engine(module: nn.Module, cfg: Config, ds_config: dict[str, Any]) -> A
     if frozen:
         raise ValueError(f"build_engine: {len(frozen)} frozen parameters (e.g. {frozen[:3]}) in the trainable "
                          "module; only student + head go to DeepSpeed, teachers stay outside")
-    groups = [{k: v for k, v in g.items() if k != "names"} for g in param_groups(module, cfg.optim.weight_decay)]
+    groups = param_groups(module, cfg.optim.weight_decay)
     optimizer = _make_optimizer(groups, cfg, _offloads_optimizer(ds_config))
     engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config)
     return engine
