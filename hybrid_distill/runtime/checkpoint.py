@@ -16,7 +16,7 @@ on any world size with ``"checkpoint": {"load_universal": true}`` in the DeepSpe
 
     tag_dir = resolve_resume(args.resume, run_dir)
     if tag_dir is not None and needs_universal(tag_dir):
-        tag_dir = ensure_universal(tag_dir)               # rank 0 converts, others wait at a barrier
+        tag_dir = ensure_universal(tag_dir)               # rank 0 converts; the others poll for its marker
         ds_config["checkpoint"] = {"load_universal": True}
     engine = build_engine(...)
     client_state = load(engine, tag_dir, load_universal=ds_config.get("checkpoint", {}).get("load_universal", False))

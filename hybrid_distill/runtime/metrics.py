@@ -1,9 +1,9 @@
 """Run logging: ``train.log``, ``metrics.jsonl``, TensorBoard, W&B, a console progress view and ``loss.png``.
 
 Only the main rank writes files. ``metrics.jsonl`` has one JSON object per ``log`` call: ``step`` plus the
-values passed (non-finite numbers are written as ``null`` so the file stays strict JSON). It is appended to,
-so a resumed run continues the same file; rows for steps repeated after a resume appear twice and the later
-one wins in ``loss.png``.
+values passed (non-finite numbers are written as ``null`` so the file stays strict JSON). It is appended to, so a
+resumed run continues the same file; the rows (and TensorBoard events) a crashed job logged after its last
+checkpoint are dropped when the run resumes (``truncate_after``), so every step appears once.
 
 Console: on an interactive terminal a tqdm bar with the loss; otherwise (SLURM logs, pipes) one plain line
 per ``log`` call, e.g. ``step 120/5000 | loss 0.4321 | feat 0.3012 | rel 0.1309 | lr 1.20e-04 | 850 img/s``.
