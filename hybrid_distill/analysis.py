@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from hybrid_distill.errors import ConfigError, DataError, HybridDistillError
 from hybrid_distill.model.qk_capture import capture_qk
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
@@ -256,10 +257,13 @@ def load_model(spec: str, pretrained: bool = False) -> nn.Module:
     elif path.is_dir() and (path / "config.json").is_file():
         model = timm.create_model(f"local-dir:{path}", pretrained=True)
     elif path.exists():
-        raise FileNotFoundError(f"{spec!r} is neither an export directory (export.json) nor a timm local-dir "
-                                "(config.json)")
+        raise ConfigError(f"{spec!r} is neither an export directory (export.json) nor a timm local-dir "
+                          "(config.json)")
     else:
-        model = timm.create_model(spec, pretrained=pretrained, num_classes=0)
+        try:
+            model = timm.create_model(spec, pretrained=pretrained, num_classes=0)
+        except RuntimeError as e:  # timm: "Unknown model (...)"
+            raise ConfigError(f"{spec!r} is not an export directory, a local-dir or a timm model: {e}") from e
     return model.eval()
 
 
@@ -300,7 +304,7 @@ def load_images(source: str, model: nn.Module, num_images: int, seed: int = 0) -
         return synthetic_images(num_images, _pair(model.patch_embed.img_size), seed)
     files = image_files(source)[:num_images]
     if not files:
-        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {source!r}")
+        raise DataError(f"--images {source!r}: no images ({', '.join(IMAGE_SUFFIXES)}) under it")
     transform = eval_transform(model)
     return torch.stack([load_image(f, transform) for f in files])
 
@@ -348,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model = load_model(args.model, pretrained=args.pretrained)
         images = load_images(args.images, model, args.num_images, seed=args.seed)
-    except (FileNotFoundError, RuntimeError, KeyError, ValueError) as e:
+    except HybridDistillError as e:
         print(f"analysis: error: {e}", file=sys.stderr)
         return 2
     result = {"model": args.model, "images": args.images,

@@ -315,3 +315,5 @@ def test_cli_errors(tmp_path, capsys):
     assert "no images" in capsys.readouterr().err
     assert main([str(tmp_path / "empty"), "--out", str(tmp_path / "x.json")]) == 2
     assert "neither an export directory" in capsys.readouterr().err
+    assert main(["no_such_timm_model", "--out", str(tmp_path / "x.json")]) == 2
+    assert "no_such_timm_model" in capsys.readouterr().err

@@ -11,6 +11,7 @@ import tarfile
 from collections import Counter
 from pathlib import Path
 
+import datasets
 import numpy as np
 import pytest
 import torch
@@ -21,8 +22,6 @@ from hybrid_distill.data.decode import JpegDecoder, sample_rng
 from hybrid_distill.data.loader import build_loader, worker_quotas
 from hybrid_distill.data.sources import expand_braces, parse_source
 from hybrid_distill.errors import ConfigError, DataError
-
-datasets = pytest.importorskip("datasets")
 
 PALETTE = [(230, 20, 20), (20, 230, 20), (20, 20, 230)]
 N = 24
@@ -209,6 +208,35 @@ def test_hf_and_wds_sources(tmp_path, kind, streaming):
         assert dominant(b["images"]) == [v % 3 for v in b["labels"].tolist()]
 
 
+@pytest.mark.parametrize("streaming", [False, True])
+def test_image_key_picks_the_named_column(tmp_path, streaming):
+    """Two image columns: auto-detection takes ``image``; ``data.image_key=photo`` reads the other one."""
+    n = 6
+    image = datasets.Image()
+    features = datasets.Features({"image": image, "photo": image, "label": datasets.Value("int64")})
+    table = {"image": [{"bytes": encode(0), "path": None}] * n,  # all red
+             "photo": [{"bytes": encode(1), "path": None}] * n,  # all green
+             "label": list(range(n))}
+    datasets.Dataset.from_dict(table, features=features).save_to_disk(str(tmp_path / "disk"))
+    common = dict(streaming=streaming, num_samples=n if streaming else None)
+    auto = collect(make_cfg(f"hf:{tmp_path / 'disk'}", **common))
+    named = collect(make_cfg(f"hf:{tmp_path / 'disk'}", image_key="photo", **common))
+    assert {d for b in auto for d in dominant(b["images"])} == {0}
+    assert {d for b in named for d in dominant(b["images"])} == {1}
+    with pytest.raises(DataError, match=r"data\.image_key='nope'.*columns"):
+        build_loader(make_cfg(f"hf:{tmp_path / 'disk'}", image_key="nope", **common), img_size=SIZE)
+
+
+def test_split_selects_the_split_and_an_unknown_one_is_named(tmp_path):
+    dd = datasets.DatasetDict({"train": hf_dataset(6), "validation": hf_dataset(9)})
+    dd.save_to_disk(str(tmp_path / "dd"))
+    source = f"hf:{tmp_path / 'dd'}"
+    assert build_loader(make_cfg(source), img_size=SIZE).dataset_size == 6
+    assert build_loader(make_cfg(source, split="validation"), img_size=SIZE).dataset_size == 9
+    with pytest.raises(DataError, match=r"data\.split='test'.*train.*validation"):
+        build_loader(make_cfg(source, split="test"), img_size=SIZE)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Sharding and order
 
@@ -367,7 +395,6 @@ def test_streaming_resume_within_the_shuffle_buffer(tmp_path, workers):
 
 def test_jpeg_decoder_path_on_cpu():
     decoder = JpegDecoder("cpu", SIZE)
-    rng = sample_rng(0, 0, 0)
     jobs = [{"data": torch.frombuffer(bytearray(encode(i)), dtype=torch.uint8), "box": (2, 3, 15, 20),
              "flip": bool(i % 2), "slot": i, "key": f"k{i}"} for i in range(3)]
     jobs.append({"data": torch.frombuffer(bytearray(b"not a jpeg at all"), dtype=torch.uint8), "box": (0, 0, 5, 5),
@@ -376,7 +403,6 @@ def test_jpeg_decoder_path_on_cpu():
     assert len(bad) == 1 and bad[0].startswith("broken")
     assert dominant(images[:3]) == [0, 1, 2]
     assert images[3].float().mean() > 0  # refilled from another image of the batch
-    assert rng is not None
 
 
 def test_gpu_augment_defers_only_decodable_jpegs(tmp_path):

@@ -152,9 +152,20 @@ def test_streaming_shard_with_corrupt_images_keeps_streaming(tmp_path):
     assert loader.bad_samples == 2
 
 
-def test_decompression_bomb_is_skipped(tmp_path, monkeypatch):
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # PIL raises above 2x this
-    big = jpeg_bytes(Image.new("RGB", (100, 100), RED))
-    with pytest.raises(Image.DecompressionBombError):
-        decode_crop(big, SIZE, sample_rng(0, 0, 0), (0.5, 1.0), False)
-    assert torch is not None
+def test_decompression_bomb_is_skipped_and_counted(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # PIL raises above 2x this: 100x100 is a "bomb"
+    bomb = jpeg_bytes(Image.new("RGB", (100, 100), (20, 20, 230)))
+    with pytest.raises(Image.DecompressionBombError):  # what PIL does by itself
+        decode_crop(bomb, SIZE, sample_rng(0, 0, 0), (0.5, 1.0), False)
+    root = tmp_path / "imgs" / "only"
+    root.mkdir(parents=True)
+    for i in range(3):
+        (root / f"{i}.jpg").write_bytes(jpeg_bytes(Image.new("RGB", (20, 20), RED)))
+    (root / "bomb.jpg").write_bytes(bomb)
+    cfg = DataConfig(source=f"folder:{tmp_path / 'imgs'}", batch_size=4, num_workers=0, max_bad_fraction=0.5)
+    loader = build_loader(cfg, img_size=SIZE, cache_dir=tmp_path / "cache")  # one batch: all four files
+    with caplog.at_level(logging.WARNING, logger="hybrid_distill.data"):
+        (batch,) = list(loader)
+    assert loader.bad_samples == 1 and "bomb.jpg" in caplog.text and "DecompressionBomb" in caplog.text
+    red = torch.tensor(RED, dtype=torch.float32).view(1, 3, 1, 1)
+    assert (batch["images"].float() - red).abs().amax() < 10  # the bomb's slot refilled with a red image

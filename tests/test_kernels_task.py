@@ -10,12 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytest.importorskip("triton")
-
-import kernels  # noqa: E402
-
-task_mod = pytest.importorskip("hybrid_distill.model.task")
-config_mod = pytest.importorskip("hybrid_distill.config")
+import kernels
+from hybrid_distill import config as config_mod
+from hybrid_distill.model import task as task_mod
 
 
 @pytest.fixture(autouse=True)
