@@ -18,9 +18,10 @@ import torch
 from PIL import Image
 
 from hybrid_distill.config import DataConfig
+from hybrid_distill.config.schema import parse_source
 from hybrid_distill.data.decode import JpegDecoder, sample_rng
 from hybrid_distill.data.loader import build_loader, worker_quotas
-from hybrid_distill.data.sources import expand_braces, parse_source
+from hybrid_distill.data.sources import expand_braces
 from hybrid_distill.errors import ConfigError, DataError
 
 PALETTE = [(230, 20, 20), (20, 230, 20), (20, 20, 230)]
@@ -90,9 +91,9 @@ def labels_of(batches: list[dict]) -> list[int]:
 
 @pytest.mark.parametrize("bad", ["", "folder", "folder:", "imagenet", "s3:bucket", "hf", "wds: ", "Synthetic"])
 def test_malformed_source_names_the_key(bad):
-    with pytest.raises(DataError, match="data.source"):
+    with pytest.raises(ConfigError, match="data.source"):
         parse_source(bad)
-    with pytest.raises(DataError, match="data.source"):
+    with pytest.raises(ConfigError, match="data.source"):
         build_loader(make_cfg(bad), img_size=SIZE)
 
 

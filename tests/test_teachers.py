@@ -350,8 +350,10 @@ def test_explicit_mismatching_img_size_is_a_start_up_error_naming_the_key():
 
 
 def test_mim_teacher_cannot_resample():
+    from hybrid_distill.config import load_config
+
     with pytest.raises(ConfigError, match=r"mim_teacher\.grid_align"):
-        build_teacher(TeacherConfig(**MAE, grid_align="resample"), "mim_teacher", (8, 8), 64)
+        load_config("tiny", overrides=["mim_teacher.grid_align=resample"])
 
 
 @pytest.mark.parametrize("patch, antialias", [(16, False), (4, True)])  # 4x4 -> 8x8 and 16x16 -> 8x8

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from hybrid_distill.config.schema import Config, TeacherConfig
+from hybrid_distill.config.schema import Config, TeacherConfig, parse_source
 from hybrid_distill.errors import ConfigError, DataError, WeightsError
 
 WEIGHT_KEYWORDS = ("random", "pretrained")
@@ -44,7 +44,7 @@ def check_resume_arg(resume: str) -> None:
 def check_inputs(cfg: Config, ds_config: str | Path, resume: str) -> None:
     """Every cheap file check, before teachers, data or the process group are touched."""
     check_ds_config_file(ds_config)
-    kind, _, where = cfg.data.source.partition(":")
+    kind, where = parse_source(cfg.data.source)
     if kind == "folder":
         folder_root(where)
     check_weights_file(cfg.mim_teacher, "mim_teacher")

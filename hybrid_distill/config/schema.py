@@ -186,9 +186,7 @@ def validate(cfg: Config) -> Config:
     _check(cfg.data.num_samples is None or cfg.data.num_samples >= 1, "data.num_samples",
            "must be >= 1 (or null: the source's own length)")
     _check(cfg.data.shuffle_buffer >= 0, "data.shuffle_buffer", "must be >= 0")
-    _check(cfg.data.source == "synthetic" or cfg.data.source.split(":", 1)[0] in ("folder", "hf", "wds")
-           and ":" in cfg.data.source, "data.source",
-           f"{cfg.data.source!r} is not valid; use synthetic, folder:PATH, hf:NAME_OR_PATH or wds:PATTERN")
+    parse_source(cfg.data.source)
     _check(cfg.run.stop_after_steps is None or cfg.run.stop_after_steps >= 1, "run.stop_after_steps", "must be >= 1")
     for role in ("mim_teacher", "feature_teacher"):
         t = getattr(cfg, role)
@@ -214,6 +212,23 @@ def _check_optim(cfg: Config) -> None:
     _check(all(0 <= b < 1 for b in optim.betas), "optim.betas", "must both be in [0, 1)")
     _check(optim.eps > 0, "optim.eps", "must be > 0")
     _check(optim.clip_grad >= 0, "optim.clip_grad", "must be >= 0 (0 disables clipping)")
+
+
+SOURCE_FORMS = "synthetic, folder:PATH, hf:NAME_OR_PATH or wds:GLOB_OR_BRACE_PATTERN"
+
+
+def parse_source(source: str) -> tuple[str, str]:
+    """Split ``data.source`` into (kind, target), e.g. ``("folder", "/data/in1k/train")``.
+
+    Raises:
+        ConfigError: naming ``data.source`` and the valid forms when the value is malformed.
+    """
+    if source == "synthetic":
+        return "synthetic", ""
+    kind, sep, target = str(source).partition(":")
+    if kind not in ("folder", "hf", "wds") or not sep or not target.strip():
+        raise ConfigError(f"data.source={source!r} is not valid; use {SOURCE_FORMS}")
+    return kind, target.strip()
 
 
 def peak_lr(cfg: Config) -> float:

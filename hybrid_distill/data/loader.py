@@ -35,6 +35,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from hybrid_distill.config import DataConfig
+from hybrid_distill.config.schema import parse_source
 from hybrid_distill.data.decode import JpegDecoder, Payload, crop_params, decode_crop, probe_jpeg, sample_rng
 from hybrid_distill.data.sources import (
     HFMapSource,
@@ -43,7 +44,6 @@ from hybrid_distill.data.sources import (
     open_folder,
     open_hf,
     open_wds,
-    parse_source,
 )
 from hybrid_distill.errors import ConfigError, DataError
 from hybrid_distill.runtime.cluster import worker_signal_guard

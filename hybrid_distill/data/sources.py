@@ -27,26 +27,11 @@ from hybrid_distill.errors import DataError
 
 logger = logging.getLogger("hybrid_distill.data")
 
-SOURCE_FORMS = "synthetic, folder:PATH, hf:NAME_OR_PATH or wds:GLOB_OR_BRACE_PATTERN"
 IMAGE_KEYS = ("image", "img", "jpg", "jpeg", "png", "webp", "image.jpg", "image.png")
 LABEL_KEYS = ("label", "cls", "labels", "target", "class")
 _TABLE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".tar": "webdataset"}
 
 Sample = tuple[Payload, int, str]
-
-
-def parse_source(source: str) -> tuple[str, str]:
-    """Split ``data.source`` into (kind, target).
-
-    Raises:
-        ValueError: naming ``data.source`` and the valid forms when the value is malformed.
-    """
-    if source == "synthetic":
-        return "synthetic", ""
-    kind, sep, target = str(source).partition(":")
-    if kind not in ("folder", "hf", "wds") or not sep or not target.strip():
-        raise DataError(f"data.source={source!r} is not valid; use {SOURCE_FORMS}")
-    return kind, target.strip()
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -38,10 +38,7 @@ from hybrid_distill.model.weights import load_open_clip_file, load_timm_file
 def aligned_img_size(cfg: TeacherConfig, patch_size: int, student_grid: tuple[int, int], student_img: int,
                      role: str) -> int:
     """The input size that puts the teacher's patch grid on the student's (or the student's size to resample)."""
-    if cfg.grid_align == "resample":
-        if role == "mim_teacher":
-            raise ConfigError("mim_teacher.grid_align=resample is not supported: the MIM teacher's tokens define "
-                              "keep_idx on the student grid; use mim_teacher.grid_align=resize")
+    if cfg.grid_align == "resample":  # feature teacher only (schema.validate)
         return cfg.img_size or student_img
     want = student_grid[0] * patch_size
     if student_grid[0] != student_grid[1]:
