@@ -223,3 +223,19 @@ def test_import_without_triton_falls_back_to_torch():
     assert res.returncode == 0, res.stderr
     assert "triton is not installed" in res.stdout
 
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path of the benchmark")
+def test_bench_cpu_quick_runs_four_shapes(tmp_path, monkeypatch):
+    """``python -m kernels.bench --quick`` is exactly four shapes, and without CUDA times the eager reference."""
+    from kernels import bench
+
+    names = ["ViT-B/16 224px keep 100%", "ViT-B/16 224px keep 34%", "ViT-L/16 224px keep 34%",
+             "ViT-L/16 448px keep 34%"]  # fmt: skip
+    assert [p["name"] for p in bench.shapes(True, True)] == names == [p["name"] for p in bench.shapes(True, False)]
+    monkeypatch.setattr(bench, "CPU_RUNS", 3)
+    result = bench.main(["--quick", "--batch", "1", "--no-compile", "--out", str(tmp_path / "bench.json")])
+    assert result["complete"] and [r["name"] for r in result["rows"]] == names
+    for row in result["rows"]:
+        r = row["impls"]["eager"]
+        assert list(row["impls"]) == ["eager"] and r["fwd_bwd_p20_ms"] <= r["fwd_bwd_ms"] <= r["fwd_bwd_p80_ms"]
+    assert "| ViT-L/16 448px keep 34% | 1 | 268 | eager |" in bench.table(result["rows"])
