@@ -462,7 +462,7 @@ TUNING = dict(
     block_m=64,  # row block when N' is above the single-block limit
     block_n=64,  # column block for head dims <= 64
     block_n_wide=32,  # column block for head dims > 64 (register pressure)
-    block_n_256=32,  # column block for 256-row tiles (64 spills at d = 64: 255 registers + 128-192 B of stack)
+    block_n_256=32,  # column block for 256-row tiles (64 spills at d = 64: 255 registers + 128 B of stack)
     num_stages=2,
     # IEEE fp32 dots run on the FMA units and are unrolled by the compiler: smaller tiles.
     ieee_single_block_max=32,
