@@ -5,10 +5,11 @@ Layers (Liger-Kernel style): ``@triton.jit`` kernels -> launchers -> torch custo
 reference that tests, benchmarks and the CPU fallback import.
 
 Dispatch: ``impl="auto"`` runs Triton on CUDA tensors and the reference elsewhere; ``"triton"`` and
-``"torch"`` force one. The environment variable ``HD_RELATION_IMPL`` (``auto|torch|triton``), when set,
-overrides the ``impl`` argument of every call for a whole run. ``impl="triton"`` on CPU tensors needs
-``TRITON_INTERPRET=1`` (the Triton interpreter, used by the tests). ``import kernels`` works without
-Triton installed; ``"auto"`` then always takes the reference.
+``"torch"`` force one. The argument is the only switch (the trainer passes ``loss.relation_impl``); the
+environment variable ``HD_RELATION_IMPL`` that used to override it is no longer read (a warning at import
+says so when it is set). ``impl="triton"`` on CPU tensors needs ``TRITON_INTERPRET=1`` (the Triton
+interpreter, used by the tests). ``import kernels`` works without Triton installed; ``"auto"`` then always
+takes the reference.
 
 FLOP count of the fused loss: 8·N'²·d per (b, h) for forward+backward (S, T, dq_s, dk_s: four
 N'×N'×d matmuls).
@@ -17,6 +18,7 @@ N'×N'×d matmuls).
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 
@@ -30,9 +32,17 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
 __all__ = ["relation_loss", "gather_relations", "resolve_impl", "HAS_TRITON", "IMPL_ENV_VAR", "reference"]
 
 HAS_TRITON: bool = _relation is not None
-IMPL_ENV_VAR = "HD_RELATION_IMPL"
+IMPL_ENV_VAR = "HD_RELATION_IMPL"  # no longer read; kept for the import-time warning and old references
 _IMPLS = ("auto", "torch", "triton")
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+if os.environ.get(IMPL_ENV_VAR):
+    warnings.warn(
+        f"${IMPL_ENV_VAR} is set but no longer read: the impl argument (loss.relation_impl in the trainer) is the "
+        "only switch",
+        stacklevel=2,
+    )
 
 
 def _interpreting() -> bool:
@@ -50,7 +60,7 @@ def resolve_impl(impl: str, device: torch.device, dtypes: tuple[torch.dtype, ...
     """Pick the implementation for tensors on ``device``.
 
     Args:
-        impl: ``"auto"``, ``"torch"`` or ``"triton"``; overridden by ``$HD_RELATION_IMPL`` when set.
+        impl: ``"auto"``, ``"torch"`` or ``"triton"``.
         device: device of the inputs.
         dtypes: dtypes of (q, k) pairs, student then teacher; the kernels need fp16/bf16/fp32 and q, k
             of one dtype per model. ``"auto"`` sends anything else (e.g. float64) to the reference.
@@ -59,15 +69,9 @@ def resolve_impl(impl: str, device: torch.device, dtypes: tuple[torch.dtype, ...
         ``"torch"`` or ``"triton"``.
 
     Raises:
-        ValueError: unknown ``impl`` (argument or environment variable), or ``"triton"`` on CPU tensors
-            without ``TRITON_INTERPRET=1``.
+        ValueError: unknown ``impl``, or ``"triton"`` on CPU tensors without ``TRITON_INTERPRET=1``.
         RuntimeError: ``"triton"`` requested but Triton is not importable.
     """
-    env = os.environ.get(IMPL_ENV_VAR, "").strip().lower()
-    if env:
-        if env not in _IMPLS:
-            raise ValueError(f"${IMPL_ENV_VAR}={env!r} is not one of {_IMPLS}")
-        impl = env
     if impl not in _IMPLS:
         raise ValueError(f"impl={impl!r} is not one of {_IMPLS}")
     if impl == "auto":
@@ -89,12 +93,16 @@ def resolve_impl(impl: str, device: torch.device, dtypes: tuple[torch.dtype, ...
 
 
 def _check_rank4(name: str, x: torch.Tensor) -> None:
+    """A floating-point (B, H, N, d) tensor with B, H, d >= 1 (N is checked against keep_idx)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 4:
         raise ValueError(f"{name} must have shape (B, H, N, d), got {tuple(x.shape)}")
     if not x.is_floating_point():
         raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
+    for axis, what in ((0, "batch size B"), (1, "head count H"), (3, "head dim d")):
+        if x.shape[axis] == 0:
+            raise ValueError(f"{name} must have {what} >= 1, got shape {tuple(x.shape)}")
 
 
 def _check_keep(keep_idx: torch.Tensor, b: int, n_keep: int, n: int, what: str) -> None:
@@ -162,9 +170,10 @@ def relation_loss(
         beta: smooth-L1 threshold (``F.smooth_l1_loss`` semantics).
         scale: multiplier of q·kᵀ; None means 1/sqrt(d_s) and needs d_s == d_t. With different head
             dims, pre-scale each q by its model's 1/sqrt(d) and pass ``scale=1.0``.
-        impl: ``"auto"`` | ``"torch"`` | ``"triton"`` (see module docstring; ``$HD_RELATION_IMPL`` wins).
-        deterministic: Triton only: no atomics, bit-identical results run to run (about 1.5x the
-            FLOPs). Also on when ``torch.use_deterministic_algorithms(True)`` is set.
+        impl: ``"auto"`` | ``"torch"`` | ``"triton"`` (see module docstring).
+        deterministic: Triton only: bit-identical results run to run. Only N' above the single-block limit
+            (256 for bf16/fp16) changes plan: two passes, no atomics, about 1.5x the FLOPs. Also on when
+            ``torch.use_deterministic_algorithms(True)`` is set.
 
     Returns:
         Scalar fp32 loss; gradients flow to q_s and k_s (never to the teacher).

@@ -17,9 +17,12 @@ Tolerances:
   mask or index gives O(1) errors).
 * fp16 (loss 1e-5, gradients 4e-3): products of fp16 numbers are exact in fp32, so S, T and the loss are
   as good as in fp32. The gradient path rounds G to fp16 before the tensor-core product G·k (as
-  flash-attention does with P): relative 2^-11 = 4.9e-4 per element, and the final fp16 gradient is
-  rounded once more (another 4.9e-4). Normalised by the largest element the two roundings stay below
-  ~1e-3; 4e-3 is a 4x margin.
+  flash-attention does with P): relative 2^-11 = 4.9e-4 per element; the forward stores the gradient in
+  fp16 (normalised by 1/N', another 4.9e-4) and the backward's product with grad_output is rounded once
+  more (4.9e-4). Normalised by the largest element the three roundings stay below ~1.5e-3 (measured
+  3-8e-4); 4e-3 is a 3x margin.
+* fp32 with TF32 allowed: the interpreter's dots are exact fp32 whatever the precision, so these cases
+  check the TF32 plans' tiling and masks at the fp32 tolerance (TF32 rounding itself is a GPU matter).
 """
 
 from __future__ import annotations
@@ -43,7 +46,6 @@ def _interpreter(monkeypatch):
     import triton
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.delenv(kernels.IMPL_ENV_VAR, raising=False)
     assert kernels._relation.interpret_mode(), f"triton {triton.__version__} ignored TRITON_INTERPRET"
 
 
@@ -63,17 +65,17 @@ def make_inputs(b, h, n, m, d, dtype, seed=0, d_t=None, keep_dtype=torch.int64):
     return q_s, k_s, q_t, k_t, keep_idx
 
 
-
-
 def reference64(q_s, k_s, q_t, k_t, keep_idx, grad_out, beta, scale):
     to64 = lambda t: t.detach().double()
     kw = dict(impl="torch", beta=beta, scale=scale)
     return run_loss(to64(q_s), to64(k_s), to64(q_t), to64(k_t), keep_idx, grad_out.double(), **kw)
 
 
-# Covering design over N' in {1, 7, 16, 67, 130}, N in {N', 197, 300}, d in {16, 64, 80, 128},
-# beta in {0.5, 1, 2}, fp32/fp16 and several B·H: every value appears, with each N' paired with several N, d
-# and both dtypes; 130 > 128 exercises the multi-row-block (atomic / two-pass deterministic) kernels.
+# Covering design over N' in {1, 7, 16, 67, 129, 130, 145, 197, 256, 257}, N in {N', 197, 300},
+# d in {16, 48, 64, 80, 96, 128}, beta in {0.5, 1, 2}, fp32/fp16 and several B·H. Plans: fp16 with d <= 64 runs
+# one program per (b, h) up to N' = 256 (128 < N' <= 256: the 256-row tile, odd sizes 145 and 197), multi-block
+# (atomic / two-pass deterministic) above; d > 64 (80 = 64 + 16, 96 = 64 + 32 chunks, 128) is single-block up to
+# 128 rows (129, 130 go multi-block); IEEE fp32 single-block up to 32 rows.
 CASES = [
     # (B, H, N, N', d, beta, dtype)
     (2, 3, 1, 1, 16, 1.0, torch.float32),
@@ -89,6 +91,12 @@ CASES = [
     (2, 1, 130, 130, 16, 1.0, torch.float16),
     (1, 1, 300, 130, 80, 0.5, torch.float32),
     (1, 1, 197, 130, 128, 1.0, torch.float16),
+    (1, 2, 197, 129, 80, 1.0, torch.float16),
+    (2, 1, 300, 145, 48, 0.5, torch.float16),
+    (1, 2, 197, 197, 64, 1.0, torch.float16),
+    (1, 1, 300, 197, 96, 2.0, torch.float16),
+    (1, 1, 300, 256, 32, 2.0, torch.float16),
+    (1, 1, 300, 257, 64, 1.0, torch.float16),
 ]
 
 
@@ -131,12 +139,20 @@ def test_mixed_head_dims_noncontiguous_int32_keep(beta, teacher_dtype):
         assert rel_err(g, r) < 1e-5
 
 
-@pytest.mark.parametrize("m", [67, 130])
-def test_deterministic_mode_is_bit_identical(m):
-    inputs = make_inputs(2, 2, 197, m, 64, torch.float32, seed=11)
+@pytest.mark.parametrize("m,dtype", [(67, torch.float32), (130, torch.float32), (197, torch.float16),
+                                     (300, torch.float16)])  # fmt: skip
+def test_deterministic_mode_is_bit_identical(m, dtype):
+    """Runs repeat bit for bit (the in-kernel loss reduction included); single-block plans (here N' <= 256 for
+    fp16) are the same launch with or without deterministic=True."""
+    inputs = make_inputs(2, 2, 400, m, 64, dtype, seed=11)
     runs = [run_loss(*inputs, torch.tensor(2.0), impl="triton", deterministic=True) for _ in range(2)]
     for a, b in zip(*runs, strict=True):
         assert torch.equal(a, b)
+    plan = kernels._relation.plan_relation(m, 64, 64, dtype, dtype, False, True)
+    if plan.mode == "single":
+        default = run_loss(*inputs, torch.tensor(2.0), impl="triton")
+        for a, b in zip(runs[0], default, strict=True):
+            assert torch.equal(a, b)
 
 
 def test_forward_only_and_teacher_gets_no_gradient():
@@ -178,11 +194,82 @@ def test_torch_compile_traces_through_custom_op():
         assert torch.allclose(a, 2 * b)
 
 
-def test_env_override_selects_triton_on_cpu(monkeypatch):
+def test_env_var_does_not_override_impl(monkeypatch):
+    """$HD_RELATION_IMPL used to override the impl argument (and so the trainer's loss.relation_impl)."""
     inputs = make_inputs(1, 1, 20, 5, 16, torch.float32)
-    monkeypatch.setenv(kernels.IMPL_ENV_VAR, "triton")
+    monkeypatch.setenv("HD_RELATION_IMPL", "triton")
     calls = []
     orig = kernels._relation.relation_loss_triton
     monkeypatch.setattr(kernels._relation, "relation_loss_triton", lambda *a: calls.append(1) or orig(*a))
-    kernels.relation_loss(*inputs, impl="torch")  # the environment variable wins over the argument
+    kernels.relation_loss(*inputs, impl="torch")
+    assert calls == []
+    kernels.relation_loss(*inputs, impl="triton")
     assert calls == [1]
+
+
+@pytest.mark.parametrize("m,d", [(100, 64), (100, 128), (64, 80), (150, 64)])
+def test_tf32_plans_match_float64_reference(monkeypatch, m, d):
+    """fp32 inputs with allow_tf32: 128-row single block for d <= 64, 64 rows for wider heads (the 128-row tile
+    of d = 128 needed 256 KiB of shared memory on sm_90), multi-block above."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    inputs = make_inputs(1, 2, 197, m, d, torch.float32, seed=m + d)
+    grad_out = torch.tensor(-1.7)
+    got = run_loss(*inputs, grad_out, impl="triton")
+    ref = reference64(*inputs, grad_out, 1.0, None)
+    for g, r in zip(got, ref, strict=True):
+        assert rel_err(g, r) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "m,student,teacher,d_s,d_t",
+    [(197, torch.float16, torch.float16, 64, 80), (145, torch.float32, torch.float16, 64, 96),
+     (40, torch.float16, torch.float32, 80, 64)],
+)  # fmt: skip
+def test_mixed_dtypes_and_head_dims_chain_into_one_accumulator(m, student, teacher, d_s, d_t):
+    """[q_s, −q_t]·[k_s, k_t]ᵀ is two tl.dot calls into one fp32 accumulator, each in its operands' dtype and
+    head-dim chunks; the student's and the teacher's may differ (single-block 256 rows, IEEE multi-block)."""
+    q_s, k_s, _, _, keep_idx = make_inputs(2, 2, 260, m, d_s, student, seed=m)
+    _, _, q_t, k_t, _ = make_inputs(2, 2, 260, m, d_t, teacher, seed=m)
+    q_s, q_t = (q_s.float() * d_s**-0.5).to(student), (q_t.float() * d_t**-0.5).to(teacher)
+    grad_out = torch.tensor(-1.7)
+    got = run_loss(q_s, k_s, q_t, k_t, keep_idx, grad_out, scale=1.0, impl="triton")
+    ref = reference64(q_s, k_s, q_t, k_t, keep_idx, grad_out, 1.0, 1.0)
+    assert rel_err(got[0], ref[0]) < 1e-5
+    for g, r in zip(got[1:], ref[1:], strict=True):
+        assert rel_err(g, r) < TOL[student]["grad"]
+
+
+@pytest.mark.parametrize("grad_out", [1.0, 0.0, 3.0])
+@pytest.mark.parametrize("dtype,m", [(torch.float32, 20), (torch.float16, 150), (torch.float32, 70)])
+def test_backward_scales_by_grad_output_on_device(dtype, m, grad_out):
+    """One scaling kernel multiplies the saved gradients by grad_output (read on the device; in place, and a
+    no-op for exactly 1, for bf16/fp32; fp16 also applies its 1/(B·H); the atomic plan's fp32 dk is cast)."""
+    inputs = make_inputs(2, 2, 197, m, 64, dtype, seed=m)
+    g = torch.tensor(grad_out)
+    got = run_loss(*inputs, g, impl="triton")
+    ref = reference64(*inputs, g, 1.0, None)
+    for x, r in zip(got[1:], ref[1:], strict=True):
+        assert x.dtype == dtype
+        if grad_out == 0.0:
+            assert not x.any()
+        else:
+            assert rel_err(x, r) < TOL[dtype]["grad"]
+
+
+def test_double_backward_raises():
+    """The gradient is precomputed by the forward, so second-order terms would be silently dropped."""
+    q_s, k_s, q_t, k_t, keep_idx = make_inputs(1, 2, 30, 9, 16, torch.float32)
+    q = q_s.clone().requires_grad_(True)
+    loss = kernels.relation_loss(q, k_s, q_t, k_t, keep_idx, impl="triton")
+    (grad_q,) = torch.autograd.grad(loss, q, create_graph=True)
+    with pytest.raises(RuntimeError, match="no double backward"):
+        (grad_q * q).sum().backward()  # a gradient penalty: d/dq of grad_q is needed
+
+
+def test_create_graph_without_second_backward_works():
+    q_s, k_s, q_t, k_t, keep_idx = make_inputs(1, 2, 30, 9, 16, torch.float32)
+    q = q_s.clone().requires_grad_(True)
+    (grad_q,) = torch.autograd.grad(kernels.relation_loss(q, k_s, q_t, k_t, keep_idx, impl="triton"), q,
+                                    create_graph=True)  # fmt: skip
+    (want,) = torch.autograd.grad(kernels.relation_loss(q, k_s, q_t, k_t, keep_idx, impl="torch"), q)
+    assert rel_err(grad_q.detach(), want) < 1e-5

@@ -8,6 +8,7 @@ out, and its gradients with ``torch.autograd.gradcheck``.
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -111,7 +112,7 @@ def test_different_head_dims_need_explicit_scale():
 
 @pytest.fixture
 def no_env(monkeypatch):
-    monkeypatch.delenv(kernels.IMPL_ENV_VAR, raising=False)
+    monkeypatch.delenv("HD_RELATION_IMPL", raising=False)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     return monkeypatch
 
@@ -128,16 +129,24 @@ def test_auto_picks_by_device_and_dtype(no_env):
     assert kernels.resolve_impl("torch", cuda, bf16) == "torch"
 
 
-def test_env_var_overrides_argument(no_env):
-    cpu = torch.device("cpu")
-    no_env.setenv(kernels.IMPL_ENV_VAR, "torch")
-    assert kernels.resolve_impl("triton", torch.device("cuda"), (torch.bfloat16,) * 4) == "torch"
-    no_env.setenv(kernels.IMPL_ENV_VAR, "TRITON")
-    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
-        kernels.resolve_impl("torch", cpu, (torch.float32,) * 4)
-    no_env.setenv(kernels.IMPL_ENV_VAR, "cuda")
-    with pytest.raises(ValueError, match="HD_RELATION_IMPL='cuda'"):
-        kernels.resolve_impl("auto", cpu)
+def test_impl_argument_is_the_only_switch(no_env):
+    """$HD_RELATION_IMPL no longer overrides the argument (it silently overrode loss.relation_impl)."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    no_env.setenv("HD_RELATION_IMPL", "triton")
+    assert kernels.resolve_impl("torch", cuda, (torch.bfloat16,) * 4) == "torch"
+    assert kernels.resolve_impl("torch", cpu, (torch.float32,) * 4) == "torch"
+    no_env.setenv("HD_RELATION_IMPL", "torch")
+    assert kernels.resolve_impl("auto", cuda, (torch.bfloat16,) * 4) == ("triton" if kernels.HAS_TRITON else "torch")
+    no_env.setenv("HD_RELATION_IMPL", "cuda")
+    assert kernels.resolve_impl("auto", cpu) == "torch"  # nor is an invalid value an error
+
+
+def test_import_warns_that_env_var_is_no_longer_read():
+    code = "import warnings; warnings.simplefilter('always'); import kernels"
+    env = dict(os.environ, HD_RELATION_IMPL="torch")
+    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
+    assert res.returncode == 0, res.stderr
+    assert "HD_RELATION_IMPL is set but no longer read" in res.stderr
 
 
 def test_impl_errors(no_env):
@@ -163,6 +172,18 @@ def test_impl_errors(no_env):
         (lambda a: a.update(keep_idx=a["keep_idx"] + 20), r"keep_idx values must lie in \[0, 11\)"),
         (lambda a: a.update(beta=-1.0), r"beta must be >= 0"),
         (lambda a: a.update(q_s=a["q_s"].long(), k_s=a["k_s"].long()), r"q_s must be a floating-point tensor"),
+        (
+            lambda a: a.update(**{k: a[k][:0] for k in ("q_s", "k_s", "q_t", "k_t", "keep_idx")}),
+            r"q_s must have batch size B >= 1, got shape \(0, 3, 5, 8\)",
+        ),
+        (
+            lambda a: a.update(**{k: a[k][:, :0] for k in ("q_s", "k_s", "q_t", "k_t")}),
+            r"q_s must have head count H >= 1, got shape \(2, 0, 5, 8\)",
+        ),
+        (
+            lambda a: a.update(q_t=a["q_t"][..., :0], k_t=a["k_t"][..., :0]),
+            r"q_t must have head dim d >= 1, got shape \(2, 3, 11, 0\)",
+        ),
     ],
 )
 def test_shape_errors_name_argument_and_shape(mutate, match):
@@ -181,6 +202,8 @@ def test_student_longer_than_teacher_is_an_error():
 
 def test_gather_relations_errors():
     _, _, q_t, k_t, keep_idx = _inputs()
+    with pytest.raises(ValueError, match=r"q_t must have batch size B >= 1, got shape \(0, 3, 11, 8\)"):
+        kernels.gather_relations(q_t[:0], k_t[:0], keep_idx[:0])
     with pytest.raises(ValueError, match=r"keep_idx must have shape \(2, Nk\)"):
         kernels.gather_relations(q_t, k_t, keep_idx[:1])
     with pytest.raises(ValueError, match=r"q_t must have shape"):
@@ -199,3 +222,20 @@ def test_import_without_triton_falls_back_to_torch():
     res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert "triton is not installed" in res.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path of the benchmark")
+def test_bench_cpu_quick_runs_four_shapes(tmp_path, monkeypatch):
+    """``python -m kernels.bench --quick`` is exactly four shapes, and without CUDA times the eager reference."""
+    from kernels import bench
+
+    names = ["ViT-B/16 224px keep 100%", "ViT-B/16 224px keep 34%", "ViT-L/16 224px keep 34%",
+             "ViT-L/16 448px keep 34%"]  # fmt: skip
+    assert [p["name"] for p in bench.shapes(True, True)] == names == [p["name"] for p in bench.shapes(True, False)]
+    monkeypatch.setattr(bench, "CPU_RUNS", 3)
+    result = bench.main(["--quick", "--batch", "1", "--no-compile", "--out", str(tmp_path / "bench.json")])
+    assert result["complete"] and [r["name"] for r in result["rows"]] == names
+    for row in result["rows"]:
+        r = row["impls"]["eager"]
+        assert list(row["impls"]) == ["eager"] and r["fwd_bwd_p20_ms"] <= r["fwd_bwd_ms"] <= r["fwd_bwd_p80_ms"]
+    assert "| ViT-L/16 448px keep 34% | 1 | 268 | eager |" in bench.table(result["rows"])
