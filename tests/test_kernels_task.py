@@ -18,7 +18,6 @@ from hybrid_distill.model import task as task_mod
 @pytest.fixture(autouse=True)
 def _interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.delenv(kernels.IMPL_ENV_VAR, raising=False)
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
