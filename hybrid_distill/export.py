@@ -1,10 +1,11 @@
 """Export the trained student as a plain timm checkpoint: ``python -m hybrid_distill.export RUN --out DIR``.
 
 ``RUN`` is a run directory (its newest complete checkpoint, or ``--tag``), a ``checkpoints`` directory or one
-tag directory (``.../checkpoints/step_00001000``). The ZeRO shards are consolidated to fp32 with DeepSpeed's
-``get_fp32_state_dict_from_zero_checkpoint`` (stages 1, 2 and 3; pure file reading, no process group or GPU),
-the ``student.*`` weights are kept (prefix stripped) and the feature head ``head.*`` is dropped. The student is
-rebuilt from the run's ``config.yaml`` with ``build_student`` and written by ``timm.models.save_for_hf``::
+tag directory (``.../checkpoints/step_00001000``). The ZeRO shards are consolidated to the fp32 master weights
+(``fp32_master_weights``; pure file reading, no process group or GPU) for every setup the trainer runs: ZeRO
+stages 1, 2 and 3, with or without CPU offload, fp32 or bf16 (docs/checkpoints.md has the tested matrix). The
+``student.*`` weights are kept (prefix stripped) and the feature head ``head.*`` is dropped. The student is
+rebuilt from the run's config with ``build_student`` and written by ``timm.models.save_for_hf``::
 
     DIR/model.safetensors   the student's state dict (timm keys)
     DIR/config.json         timm/HF config (architecture + preprocessing)
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,7 @@ import yaml
 
 from hybrid_distill.config import Config, config_from_dict
 from hybrid_distill.errors import ConfigError, ExportError
+from hybrid_distill.runtime import checkpoint
 from hybrid_distill.runtime.checkpoint import complete_checkpoints, find_latest, read_marker, tag_step
 
 STUDENT_PREFIX = "student."
@@ -92,13 +95,56 @@ def load_run_config(tag_dir: Path) -> Config:
 
 def consolidated_student_state(tag_dir: Path) -> dict[str, torch.Tensor]:
     """fp32 student weights from a (possibly sharded) DeepSpeed checkpoint, ``student.`` prefix stripped."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    full = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    full = fp32_master_weights(tag_dir)
     state = {k.removeprefix(STUDENT_PREFIX): v for k, v in full.items() if k.startswith(STUDENT_PREFIX)}
     if not state:
         raise ExportError(f"{str(tag_dir)!r} holds no '{STUDENT_PREFIX}*' weights (keys: {sorted(full)[:5]} ...)")
     return state
+
+
+def fp32_master_weights(tag_dir: Path) -> dict[str, torch.Tensor]:
+    """The fp32 master weights of every parameter in a complete checkpoint, by name.
+
+    DeepSpeed's ``get_fp32_state_dict_from_zero_checkpoint`` reads ZeRO-1/2/3 shards (with or without offload).
+    It rejects the shards of DeepSpeed's ``BF16_Optimizer`` ("not a zero checkpoint"), which ZeRO stage 1 uses
+    with bf16 and ``"data_types": {"grad_accum_dtype": "fp32"}``; those are read from DeepSpeed's universal
+    conversion instead (``<tag>_universal`` when the trainer made one for a world-size change, else a temporary
+    one under ``$TMPDIR``, which needs room for the weights and both Adam moments in fp32).
+
+    Raises:
+        ExportError: a checkpoint saved without ZeRO (stage 0), or one neither reader can read.
+    """
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    if (read_marker(tag_dir) or {}).get("zero_stage") == 0:
+        raise ExportError(f"{str(tag_dir)!r} was saved without ZeRO (stage 0), which cannot be exported "
+                          "(docs/checkpoints.md); its module weights are the 'module' entry of "
+                          "mp_rank_00_model_states.pt (rounded to bf16 if the run used bf16)")
+    try:
+        return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    except ValueError as e:  # "... is not a zero checkpoint": BF16_Optimizer shards, read through the conversion
+        zero_error = f"{type(e).__name__}: {e}"
+    except Exception as e:  # a torn or missing file: DeepSpeed raises assorted errors (RuntimeError, OSError, ...)
+        raise ExportError(f"cannot read the fp32 weights of {str(tag_dir)!r}: {type(e).__name__}: {e}") from e
+    try:
+        return _universal_fp32_weights(tag_dir)
+    except Exception as e:  # CheckpointError (conversion failed) or DeepSpeed's and torch's assorted errors
+        raise ExportError(f"cannot read the fp32 weights of {str(tag_dir)!r}: zero_to_fp32: {zero_error}; "
+                          f"universal conversion: {e}") from e
+
+
+def _universal_fp32_weights(tag_dir: Path) -> dict[str, torch.Tensor]:
+    """fp32 weights from ``tag_dir``'s universal conversion (``zero/<name>/fp32.pt``), made if there is none."""
+    existing = checkpoint.universal_dir(tag_dir)
+    if read_marker(existing) is not None:
+        return _read_universal(existing)
+    with tempfile.TemporaryDirectory(prefix="hybrid_distill_export_") as tmp:
+        return _read_universal(checkpoint.convert_to_universal(tag_dir, Path(tmp) / existing.name))
+
+
+def _read_universal(universal: Path) -> dict[str, torch.Tensor]:
+    params = sorted(p for p in (universal / "zero").iterdir() if (p / "fp32.pt").is_file())
+    return {p.name: torch.load(p / "fp32.pt", map_location="cpu", weights_only=True)["param"] for p in params}
 
 
 def export_kwargs(cfg: Config) -> dict[str, Any]:

@@ -17,8 +17,9 @@ DS_CONFIGS = sorted((REPO / "ds_configs").glob("*.json"))
 
 
 def _write(tmp_path: Path, data: dict) -> Path:
+    """``data`` as a DeepSpeed JSON, with ZeRO-2 unless it has its own ``zero_optimization`` (stage 0 is refused)."""
     path = tmp_path / "ds.json"
-    path.write_text(json.dumps(data))
+    path.write_text(json.dumps({"zero_optimization": {"stage": 2}, **data}))
     return path
 
 

@@ -118,3 +118,16 @@ def test_clear_errors(runs, tmp_path, capsys):
         export_student(partial, tmp_path / "out")
     assert main([str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")]) == 2
     assert "export: error:" in capsys.readouterr().err
+
+
+def test_torn_checkpoint_is_a_clear_error(runs, tmp_path):
+    """A shard cut short after its marker was written: exit 2 naming the checkpoint, not a DeepSpeed traceback."""
+    import shutil
+
+    run_dir = tmp_path / "torn"
+    shutil.copytree(runs[2], run_dir)
+    shard = next((run_dir / "checkpoints" / "step_00000002").glob("*optim_states.pt"))
+    shard.write_bytes(shard.read_bytes()[:1000])
+    with pytest.raises(ExportError, match="cannot read the fp32 weights of .*torn/checkpoints/step_00000002"):
+        export_student(run_dir, tmp_path / "out")
+    assert main([str(run_dir), "--out", str(tmp_path / "out")]) == 2

@@ -22,12 +22,13 @@ on any world size with ``"checkpoint": {"load_universal": true}`` in the DeepSpe
     client_state = load(engine, tag_dir, load_universal=ds_config.get("checkpoint", {}).get("load_universal", False))
     restore_rng_states(client_state)
 
-Checked with deepspeed 0.19.8 on CPU (gloo), 2 processes -> 1, ZeRO-2 and ZeRO-3 (tests) and ZeRO-1 (by hand):
-fp32 master weights, AdamW ``exp_avg``/``exp_avg_sq``, the AdamW step count and the client state are restored
-exactly, and the next optimizer step on 1 process (2 micro-batches accumulated) matches the 2-process step to
-float rounding (< 1e-6). Not carried across a world-size change: the per-rank RNG states
-(``restore_rng_states`` then returns False and the trainer reseeds). ``load`` works around two bugs of
-DeepSpeed 0.19.8's ZeRO-3 universal load (see ``_repair_optimizer``) that otherwise make the resumed run diverge.
+Checked with deepspeed 0.19.8 on CPU (gloo), 2 processes -> 1, for every ZeRO setup the trainer runs (stages
+1, 2, 3, CPU offload, fp32 and bf16: tests/test_zero_matrix.py, docs/checkpoints.md): fp32 master weights, AdamW
+``exp_avg``/``exp_avg_sq``, the AdamW step count and the client state are restored exactly, and the next optimizer
+step on 1 process (2 micro-batches accumulated) matches the 2-process step to float rounding (< 1e-6 in fp32).
+Not carried across a world-size change: the per-rank RNG states (``restore_rng_states`` then returns False and
+the trainer reseeds). ``load`` works around two bugs of DeepSpeed 0.19.8's ZeRO-3 universal load (see
+``_repair_optimizer``) that otherwise make the resumed run diverge.
 
 Loading uses ``torch.load(weights_only=False)`` inside DeepSpeed (and in its converter): these are DeepSpeed's
 own files written by this trainer; do not resume from checkpoints of untrusted origin.

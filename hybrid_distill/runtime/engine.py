@@ -36,6 +36,10 @@ OBJECT_SECTIONS = {
     "fp16": '"fp16": {"enabled": false}',
     "zero_optimization": '"zero_optimization": {"stage": 2}',
 }
+# The ZeRO stages the trainer runs. Stage 0 (DeepSpeed's default without a "zero_optimization" section) is refused:
+# DeepSpeed 0.19.8 saves its checkpoints without ZeRO's layout, which zero_to_fp32 (export) and ds_to_universal
+# (resume on another world size) cannot read (docs/checkpoints.md).
+ZERO_STAGES = (1, 2, 3)
 # Sub-sections of zero_optimization that must be objects (or null) when present.
 ZERO_OBJECT_SECTIONS = {
     "offload_optimizer": '"offload_optimizer": {"device": "cpu"}',
@@ -61,6 +65,8 @@ def resolve_ds_config(path: str | Path, cfg: Config, world_size: int, device_typ
     * ``bf16.enabled`` = True on CUDA devices that support bf16, False elsewhere (CPU runs in fp32).
     * ``fp16.enabled`` (if present) = False: mixed precision here is bf16 only; ``true`` is rejected.
     * ``bf16``, ``fp16``, ``zero_optimization`` (and its ``offload_optimizer``/``offload_param``) must be objects.
+    * ``zero_optimization.stage`` must be 1, 2 or 3 (``ZERO_STAGES``); stage 0, also what a missing
+      ``zero_optimization`` section means to DeepSpeed, is refused (docs/checkpoints.md says why).
 
     The same rule as for clipping holds for the three batch keys: a number in the JSON must match.
 
@@ -76,7 +82,7 @@ def resolve_ds_config(path: str | Path, cfg: Config, world_size: int, device_typ
     Raises:
         ConfigError: unreadable file, an ``optimizer``/``scheduler`` section, a batch size that does not divide,
             a JSON number contradicting the training config, a section that is not an object (``"bf16": true``),
-            ``fp16`` enabled, or an ``"auto"`` this function cannot resolve.
+            ``fp16`` enabled, a ZeRO stage other than 1, 2, 3, or an ``"auto"`` this function cannot resolve.
     """
     ds = _read_json(Path(path))
     for section in FORBIDDEN_SECTIONS:
@@ -84,6 +90,7 @@ def resolve_ds_config(path: str | Path, cfg: Config, world_size: int, device_typ
             raise ConfigError(f"{path}: remove the {section!r} section; the trainer passes its own AdamW and sets the "
                               "learning rate every step (configure them with optim.* keys)")
     _check_sections(ds, path)
+    _check_zero_stage(ds, path)
     for key, value in _batch_values(cfg, world_size).items():
         ds[key] = _fill(ds.get(key, "auto"), value, key, path)
     ds["gradient_clipping"] = _fill(ds.get("gradient_clipping", "auto"), float(cfg.optim.clip_grad),
@@ -114,6 +121,23 @@ def _check_sections(ds: dict[str, Any], path: str | Path) -> None:
         if zero.get(key) is not None and not isinstance(zero[key], dict):
             raise ConfigError(f"{path}: 'zero_optimization.{key}' must be a JSON object, e.g. {example}; "
                               f"got {json.dumps(zero[key])}")
+
+
+def _check_zero_stage(ds: dict[str, Any], path: str | Path) -> None:
+    """Refuse ZeRO stage 0 (or no ``zero_optimization`` section) and stages that do not exist."""
+    zero = ds.get("zero_optimization")
+    stage = 0 if zero is None else zero.get("stage", 0)
+    integer = isinstance(stage, int) and not isinstance(stage, bool)
+    if integer and stage in ZERO_STAGES:
+        return
+    if not integer or stage != 0:
+        raise ConfigError(f"{path}: zero_optimization.stage={json.dumps(stage)} is not a ZeRO stage the trainer runs; "
+                          "use 1, 2 or 3 (a JSON integer, e.g. \"zero_optimization\": {\"stage\": 2})")
+    what = "has no \"zero_optimization\" section, so DeepSpeed would run" if zero is None else "sets"
+    raise ConfigError(f"{path} {what} ZeRO stage 0, which is not supported: its checkpoints can be neither exported "
+                      "to timm nor resumed on another world size (DeepSpeed's zero_to_fp32 and ds_to_universal read "
+                      "ZeRO checkpoints only); use \"zero_optimization\": {\"stage\": 1} (ds_configs/zero1.json: the "
+                      "communication of plain data parallelism, with less memory), 2 or 3")
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -34,6 +34,9 @@ def check_resume(cfg: Config, ds_config: dict, resume: Path, on_purpose: bool) -
     """
     marker = read_marker(resume) or {}
     stage, saved_stage = ds_config.get("zero_optimization", {}).get("stage", 0), marker.get("zero_stage")
+    if saved_stage is not None and int(saved_stage) == 0:
+        raise ConfigError(f"{resume} was saved without ZeRO (stage 0), which the trainer no longer runs and cannot "
+                          "resume (docs/checkpoints.md); start a new run in another --output-dir")
     if saved_stage is not None and int(saved_stage) != int(stage):
         raise ConfigError(f"{resume} was saved with ZeRO stage {saved_stage} but --ds_config has stage {stage}: resume "
                           f"with the same stage (e.g. --ds_config ds_configs/zero{saved_stage}.json)")
