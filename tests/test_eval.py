@@ -311,3 +311,32 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     assert "evaluate: error: --train=folder:/no/such" in capsys.readouterr().err
     assert main(["no_such_timm_model", "--train", "synthetic", "--val", "synthetic"]) == 2
     assert "no_such_timm_model" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The trainer's online evaluation, in process
+
+
+def test_online_evaluation_takes_no_draw_from_the_training_runs_random_state(tmp_path):
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from hybrid_distill.config import load_config
+    from hybrid_distill.eval.monitor import OnlineEval
+    from hybrid_distill.model.student import build_student
+
+    cfg = load_config("tiny", overrides=["eval.train_source=synthetic", "eval.val_source=synthetic",
+                                         "eval.train_samples=16", "eval.val_samples=8", "eval.num_workers=1",
+                                         "eval.attention_images=4", "data.synthetic_size=16"])
+    torch.manual_seed(0)
+    trained = build_student(cfg.student)
+    engine = SimpleNamespace(module=nn.ModuleDict({"student": trained}))
+    state = torch.get_rng_state()
+    monitor = OnlineEval(cfg, 0, 1, torch.device("cpu"), str(tmp_path / "cache"))
+    got = monitor.evaluate(engine)
+    assert torch.equal(torch.get_rng_state(), state)  # drop path / augmentation draws of the next step unchanged
+    for a, b in zip(monitor.student.state_dict().values(), trained.state_dict().values(), strict=True):
+        assert torch.equal(a, b)  # the evaluation copy holds the engine's weights
+    assert set(got) >= {"knn_cls_top1", "linear_avg_top5", "attn_distance_b0", "attn_nmi_b5", "eval_time_s"}
+    assert monitor.due(1000, 5000) and monitor.due(5000, 5000) and not monitor.due(999, 5000)

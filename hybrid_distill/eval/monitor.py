@@ -73,7 +73,9 @@ class OnlineEval:
         check_same_classes(self.train_set, self.val_set)
         self.device = device
         self.mean, self.std = tuple(cfg.student.mean), tuple(cfg.student.std)
-        self.student = build_student(cfg.student).to(device).eval().requires_grad_(False)
+        with torch.device("meta"):  # no initialisation: no draw from the training run's RNG, weights copied in
+            student = build_student(cfg.student)
+        self.student = student.to_empty(device=device).eval().requires_grad_(False)
         self.images = self.val_set.take(ev.attention_images)[0] if "attention" in ev.protocols else None
 
     def due(self, step: int, total_steps: int) -> bool:
