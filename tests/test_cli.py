@@ -64,3 +64,11 @@ def test_print_config_prints_the_resolved_config_and_exits_0_without_torch(tmp_p
 def test_print_config_with_a_bad_key_is_exit_2_naming_it():
     result = _run("--print-config", "optim.lr_typo=1")
     assert result.returncode == 2 and "optim.lr_typo" in result.stderr
+
+
+def test_a_missing_evaluation_folder_fails_before_torch_is_imported(tmp_path):
+    result = _run("--output-dir", str(tmp_path / "run"), "eval.train_source=folder:/no/such/train",
+                  "eval.val_source=synthetic")
+    assert result.returncode == 2, result.stderr
+    assert "eval.train_source=folder:/no/such/train: folder '/no/such/train' does not exist" in result.stderr
+    assert result.stdout.strip().endswith("NO_TORCH")
