@@ -19,6 +19,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from hybrid_distill.config import Config, EvalConfig, validate
+from hybrid_distill.errors import ConfigError, HybridDistillError
+
 EXIT_BAD_INPUT = 2
 
 
@@ -52,11 +55,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def eval_config(args: argparse.Namespace):
+def eval_config(args: argparse.Namespace) -> EvalConfig:
     """The ``EvalConfig`` the trainer would use for the same settings (one code path for both)."""
-    from hybrid_distill.config import EvalConfig, validate
-    from hybrid_distill.config.schema import Config
-
     cfg = Config(eval=EvalConfig(
         train_source=args.train, val_source=args.val, train_split=args.train_split, val_split=args.val_split,
         train_samples=args.train_samples, val_samples=args.val_samples, protocols=list(args.protocols),
@@ -71,7 +71,6 @@ def run(args: argparse.Namespace) -> dict:
     import torch
 
     from hybrid_distill.analysis import load_model
-    from hybrid_distill.errors import ConfigError
     from hybrid_distill.eval.data import EvalSet
     from hybrid_distill.eval.monitor import check_same_classes
     from hybrid_distill.eval.protocols import evaluate_model
@@ -109,8 +108,6 @@ def run(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the exit code (2: bad input)."""
     args = parse_args(argv)
-    from hybrid_distill.errors import HybridDistillError
-
     try:
         result = run(args)
     except (HybridDistillError, FileNotFoundError) as e:

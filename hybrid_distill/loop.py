@@ -5,6 +5,9 @@
     run_job(cfg, args, stop)  ->  build_run  ->  restore  ->  train  ->  train_step  ->  task.losses
                                                                       ->  save (every ckpt_every)  ->  finish (export)
 
+With an ``eval`` section, ``build_monitor`` opens the evaluation sets first, a fresh run evaluates the untrained
+student (``evaluate_start``) and ``train`` evaluates every ``eval.every`` steps, before that step's checkpoint.
+
 Everything that talks to other ranks goes through ``runtime`` (engine, checkpoint, distributed, cluster); the
 model code (``model.task``) never does.
 """
@@ -318,14 +321,16 @@ def log_teachers(run: Run) -> None:
                         info["parameters"] / 1e6, role)
 
 
-def build_monitor(run: Run) -> OnlineEval | None:
-    """The online evaluation of the ``eval`` section, or None when ``eval.train_source`` is not set."""
-    if run.cfg.eval.train_source is None:
+def build_monitor(cfg: Config, env: cluster.DistEnv, device: torch.device) -> OnlineEval | None:
+    """The online evaluation of the ``eval`` section (its sets opened and checked before the teachers load), or
+    None when ``eval.train_source`` is not set."""
+    if cfg.eval.train_source is None:
         return None
-    monitor = OnlineEval(run.cfg, run.env.rank, run.env.world_size, run.device, str(run.run_dir / "cache"))
+    cache = cfg.data.cache_dir or str(Path(cfg.run.output_dir) / "cache")  # the training loader's folder-index cache
+    monitor = OnlineEval(cfg, env.rank, env.world_size, device, cache)
     log.info("online evaluation: %d + %d images (%s / %s), %s, every %d steps", len(monitor.train_set),
-             len(monitor.val_set), run.cfg.eval.train_source, run.cfg.eval.val_source,
-             ", ".join(run.cfg.eval.protocols), run.cfg.eval.every)
+             len(monitor.val_set), cfg.eval.train_source, cfg.eval.val_source, ", ".join(cfg.eval.protocols),
+             cfg.eval.every)
     return monitor
 
 
@@ -352,8 +357,8 @@ def run_job(cfg: Config, args: argparse.Namespace, stop: cluster.StopRequest) ->
     device = pick_device(env)
     distributed.init(device, cluster.dist_timeout())
     try:
+        monitor = build_monitor(cfg, env, device)
         run, resume, universal = build_run(cfg, args, env, device)
-        monitor = build_monitor(run)
     except HybridDistillError as e:
         log.error("error: %s", e)
         return EXIT_BAD_INPUT

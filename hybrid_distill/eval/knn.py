@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 @torch.no_grad()
 def knn_scores(train: torch.Tensor, train_labels: torch.Tensor, queries: torch.Tensor, num_classes: int, k: int = 20,
-               temperature: float = 0.07, chunk: int = 1024) -> torch.Tensor:
+               temperature: float = 0.07, chunk: int = 256) -> torch.Tensor:
     """Summed votes ``(M, num_classes)`` of the ``k`` nearest training features for each query.
 
     Args:
