@@ -14,8 +14,10 @@ import sys
 import tarfile
 from pathlib import Path
 
+import datasets
 import numpy as np
 import pytest
+import sklearn  # noqa: F401 - the `test` extra: the independent implementations the classifiers are checked against
 import torch
 from ds_testlib import REPO, free_port
 from PIL import Image
@@ -28,9 +30,6 @@ from hybrid_distill.eval.knn import knn_scores, topk_accuracy
 from hybrid_distill.eval.linear_probe import fit_linear_probe
 from hybrid_distill.eval.monitor import check_same_classes
 from hybrid_distill.eval.protocols import classify
-
-datasets = pytest.importorskip("datasets")  # a hard dependency of the trainer; the import itself is the check
-sklearn = pytest.importorskip("sklearn")  # the `test` extra
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

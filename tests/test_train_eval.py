@@ -58,8 +58,8 @@ def test_evaluation_leaves_every_loss_and_the_data_order_unchanged(evaluated, tm
     with_eval, without = _rows(out, "loss"), _rows(plain, "loss")
     assert [r["step"] for r in without] == list(range(1, 7))
     for got, want in zip(with_eval, without, strict=True):
-        for key in LOSSES:
-            assert got[key] == pytest.approx(want[key], rel=1e-5), (got["step"], key)
+        for key in LOSSES:  # bit-identical before the stop; the resume may re-flatten (docs: 1e-5, measured equal)
+            assert got[key] == (want[key] if got["step"] <= 4 else pytest.approx(want[key], rel=1e-5)), got["step"]
 
 
 @pytest.mark.slow
