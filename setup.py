@@ -27,5 +27,5 @@ setup(
         "triton>=3.0; platform_system == 'Linux'",
     ],
     entry_points={"console_scripts": ["hybrid-distill = hybrid_distill.train:main"]},
-    extras_require={"test": ["pytest>=8", "pytest-timeout>=2", "ruff>=0.5"], "wandb": ["wandb"]},
+    extras_require={"test": ["pytest>=8", "pytest-timeout>=2", "ruff>=0.5", "scikit-learn>=1.3"], "wandb": ["wandb"]},
 )

@@ -8,7 +8,8 @@ Public entry points (import the module you need; importing the package itself st
 * ``hybrid_distill.model.masking.progressive_keep_indices`` — redundant-token masking (Eq. 4);
 * ``hybrid_distill.train.main`` — the trainer (``launch.py``);
 * ``hybrid_distill.export.export_student`` — the student as a timm checkpoint;
-* ``hybrid_distill.analysis.analyse`` — attention distance and NMI per layer.
+* ``hybrid_distill.analysis.analyse`` — attention distance and NMI per layer;
+* ``hybrid_distill.evaluate.main`` and ``hybrid_distill.eval`` — k-NN and linear-probe evaluation of a ViT.
 """
 
 __version__ = "0.1.0"

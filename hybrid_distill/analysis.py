@@ -23,7 +23,7 @@ import contextlib
 import json
 import math
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -204,20 +204,49 @@ def analyse(model: nn.Module, images: torch.Tensor, batch_size: int = 16,
     if images.ndim != 4 or images.shape[0] == 0:
         raise ValueError(f"images must be a non-empty (B, 3, H, W) batch, got {tuple(images.shape)}")
     patch_size = _pair(model.patch_embed.patch_size)
-    grid = (images.shape[-2] // patch_size[0], images.shape[-1] // patch_size[1])
+    chunks = (iter_attention_maps(model, chunk, blocks) for chunk in images.split(batch_size))
+    return summarise(chunks, images.shape[0], (images.shape[-2], images.shape[-1]), patch_size)
+
+
+def summarise(chunks: Iterable[Iterable[tuple[int, torch.Tensor]]], num_images: int, image_size: Sequence[int],
+              patch_size: int | Sequence[int]) -> dict[str, Any]:
+    """``analyse``'s result from per-chunk ``(block, attn)`` streams (``iter_attention_maps`` or
+    ``iter_backbone_attention_maps`` of each chunk of ``num_images`` images of ``image_size`` pixels)."""
+    patch_size = _pair(patch_size)
+    grid = (image_size[0] // patch_size[0], image_size[1] // patch_size[1])
     sums: dict[int, list[torch.Tensor]] = {}
     num_heads = num_prefix = 0
-    for chunk in images.split(batch_size):
-        for i, attn in iter_attention_maps(model, chunk, blocks):  # (b, H, N, N)
+    for maps in chunks:
+        for i, attn in maps:  # (b, H, N, N)
             num_heads, num_prefix = attn.shape[1], attn.shape[-1] - grid[0] * grid[1]
             dist = head_distance_per_image(attn, grid, patch_size).sum(0).double().cpu()  # (H,)
             nmi = nmi_per_image(attn).sum(0).double().cpu()  # (H,)
             prev = sums.get(i)
             sums[i] = [dist, nmi] if prev is None else [prev[0] + dist, prev[1] + nmi]
-    n = images.shape[0]
+    n = num_images
     return {"num_images": n, "grid_size": list(grid), "patch_size": list(patch_size),
             "num_prefix_tokens": num_prefix, "num_heads": num_heads, "definitions": DEFINITIONS,
             "blocks": [_block_entry(i, dist / n, nmi / n) for i, (dist, nmi) in sums.items()]}
+
+
+def iter_backbone_attention_maps(backbone: nn.Module, x: torch.Tensor,
+                                 blocks: Sequence[int] | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+    """``iter_attention_maps`` for a ``hybrid_distill.model.backbones.Backbone`` (timm, EVA or open_clip teacher).
+
+    Runs the tower block by block through its adapter (``embed``, ``block_qk``, ``run_block``), so the q, k are the
+    ones its attention softmaxes (after RoPE for EVA, from ``in_proj_weight`` for open_clip). ``x`` is the
+    teacher's normalised input (``Teacher.prepare``).
+    """
+    wanted = set(_block_indices(backbone, blocks))
+    last = max(wanted)
+    with torch.no_grad():
+        h = backbone.embed(x)
+        for i in range(last + 1):
+            if i in wanted:
+                q, k = backbone.block_qk(i, h)  # (B, H, N, d)
+                yield i, torch.softmax(q.float() @ k.float().transpose(-2, -1) * q.shape[-1] ** -0.5, dim=-1)
+            if i < last:
+                h = backbone.run_block(i, h)
 
 
 DEFINITIONS = {

@@ -185,7 +185,7 @@ def export_student(src: str | Path, out: str | Path, tag: str | None = None) -> 
     norm = {"mean": list(cfg.student.mean), "std": list(cfg.student.std)}
     model_config = {"model_args": kwargs, "pretrained_cfg": {"tag": "hybrid_distill", **norm}}
     save_for_hf(model.eval(), str(out), model_config=model_config, safe_serialization=True)
-    _write_docs(out, cfg.student.model, kwargs, tag_dir, norm)
+    _write_docs(out, cfg.student.model, kwargs, tag_dir, norm, size_name(model.embed_dim, len(model.blocks)))
     return out / "model.safetensors"
 
 
@@ -197,8 +197,96 @@ def load_line(model_name: str, kwargs: dict[str, Any], weights: Path, norm: dict
             f"pretrained_cfg_overlay=dict(file={str(weights)!r}, {overlay}), {args})")
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# The fine-tuning hand-off: timm's train.py command for the paper's ImageNet-1K fine-tuning, each number sourced
+
+SOURCES = {
+    "paper": "Hybrid Distill paper, appendix C (ImageNet-1K fine-tuning \"following dBOT\": lr 3e-4, batch 256)",
+    "dbot_downstream": "dBOT DOWNSTREAM.md, ImageNet-1K commands (github.com/liuxingbin/dbot)",
+    "dbot_run": "dBOT run.sh, imagenet_cls defaults (symmetric/beit branch)",
+    "dbot_args": "dBOT run_finetune.py argument defaults",
+    "dbot_eval": "dBOT datasets.py build_transform: eval crop 224/256, bicubic",
+    "dbot_pool": "dBOT run_finetune.py --use_mean_pooling (on by default); MAE FINETUNE.md: --global_pool",
+    "export": "this export: the student's own input size and normalisation (export.json)",
+}
+# Per size: ViT-B/16 (dBOT DOWNSTREAM.md + run.sh) and ViT-L/16 (DOWNSTREAM.md). Other sizes get ViT-B's values.
+SIZE_RECIPES = {
+    "ViT-B": {"epochs": (100, "dbot_downstream"), "warmup-epochs": (20, "dbot_run"), "layer-decay": (0.65, "dbot_run"),
+              "drop-path": (0.1, "dbot_downstream")},
+    "ViT-L": {"epochs": (50, "dbot_downstream"), "warmup-epochs": (5, "dbot_downstream"),
+              "layer-decay": (0.8, "dbot_downstream"), "drop-path": (0.2, "dbot_downstream")},
+}
+COMMON_RECIPE = {
+    "lr": (3e-4, "paper"), "weight-decay": (0.05, "dbot_run"), "warmup-lr": (1e-6, "dbot_args"),
+    "min-lr": (1e-6, "dbot_args"), "mixup": (0.8, "dbot_run"), "cutmix": (1.0, "dbot_run"),
+    "smoothing": (0.1, "dbot_args"), "reprob": (0.25, "dbot_args"), "aa": ("rand-m9-mstd0.5-inc1", "dbot_args"),
+    "train-interpolation": ("bicubic", "dbot_args"), "crop-pct": (0.875, "dbot_eval"),
+    "gp": ("avg", "dbot_pool"),  # mean of the patch tokens, a fresh LayerNorm, the head
+}
+GLOBAL_BATCH, GPUS = 256, 8  # the paper's batch; the command splits it over 8 GPUs
+
+
+def size_name(width: int, depth: int) -> str | None:
+    """``ViT-B`` / ``ViT-L`` for a student of that width and depth (the sizes with a published recipe), else None."""
+    return {(768, 12): "ViT-B", (1024, 24): "ViT-L"}.get((width, depth))
+
+
+def finetune_recipe(size: str | None, kwargs: dict[str, Any], norm: dict[str, list[float]]
+                    ) -> list[tuple[str, Any, str]]:
+    """``[(flag, value, source key)]`` of the ImageNet-1K fine-tuning for a student of ``size`` (``size_name``)."""
+    rows = [(flag, value, src) for flag, (value, src) in {**SIZE_RECIPES[size or "ViT-B"], **COMMON_RECIPE}.items()]
+    rows.append(("b", GLOBAL_BATCH // GPUS, "paper"))
+    rows += [("img-size", kwargs.get("img_size", 224), "export"), ("mean", norm["mean"], "export"),
+             ("std", norm["std"], "export")]
+    return rows
+
+
+def finetune_command(out: Path, rows: list[tuple[str, Any, str]]) -> str:
+    """The ``torchrun ... train.py`` line (run from a checkout of timm) for ``rows``."""
+    args = " \\\n    ".join(f"{_flag(f)} {_value(v)}" for f, v, _ in rows)
+    return (f"torchrun --nproc_per_node {GPUS} train.py --data-dir /data/imagenet \\\n"
+            f"    --model local-dir:{out.resolve()} --pretrained --num-classes 1000 \\\n"
+            f"    --opt adamw --sched cosine --sched-on-updates --amp \\\n    {args}")
+
+
+def _flag(name: str) -> str:
+    return f"-{name}" if len(name) == 1 else f"--{name}"
+
+
+def _value(value: Any) -> str:
+    """``3e-4`` for small floats, ``0.65`` otherwise, lists space-separated (argparse ``nargs``)."""
+    if isinstance(value, (list, tuple)):
+        return " ".join(_value(v) for v in value)
+    if isinstance(value, float):
+        return f"{value:.0e}".replace("e-0", "e-") if 0 < abs(value) < 1e-2 else f"{value:g}"
+    return str(value)
+
+
+def _finetune_section(out: Path, size: str | None, kwargs: dict[str, Any], norm: dict[str, list[float]]) -> str:
+    rows = finetune_recipe(size, kwargs, norm)
+    which = (f"with dBOT's {size}/16 values" if size else "with dBOT's ViT-B/16 values: there is no published "
+             "recipe for this student's width and depth, so they are a starting point")
+    table = "\n".join(f"| `{_flag(f)}` | {_value(v)} | {SOURCES[src]} |" for f, v, src in rows)
+    return (
+        f"## Fine-tuning on ImageNet-1K\n\nThe paper's recipe, {which}. "
+        "From a checkout of timm (`git clone https://github.com/huggingface/pytorch-image-models`, the version "
+        "installed here), on 8 GPUs:\n\n"
+        f"```bash\n{finetune_command(out, rows)}\n```\n\n"
+        f"The paper's global batch is {GLOBAL_BATCH}: `-b` x GPUs x `--grad-accum-steps` must stay {GLOBAL_BATCH} "
+        "(`--lr` is absolute: timm would otherwise rescale its `--lr-base` by sqrt(batch) for AdamW). `--gp avg` is "
+        "MAE/dBOT's global pooling: the mean of the patch tokens through a freshly initialised LayerNorm "
+        "(`fc_norm`), so timm reports the student's final `norm.weight`/`norm.bias` as unexpected keys and leaves "
+        "them out, as MAE's and dBOT's fine-tuning do. Same from Python: "
+        f"`timm.create_model('local-dir:{out.resolve()}', pretrained=True, num_classes=1000, global_pool='avg', "
+        "drop_path_rate=...)` and `timm.optim.create_optimizer_v2(model, 'adamw', lr=..., weight_decay=..., "
+        "layer_decay=...)`.\n\n"
+        "| flag | value | source |\n| --- | --- | --- |\n"
+        f"{table}\n| `--opt adamw --sched cosine --sched-on-updates` | | {SOURCES['dbot_args']} (AdamW, "
+        "per-step cosine) |\n")
+
+
 def _write_docs(out: Path, model_name: str, kwargs: dict[str, Any], tag_dir: Path,
-                norm: dict[str, list[float]]) -> None:
+                norm: dict[str, list[float]], size: str | None = None) -> None:
     weights = (out / "model.safetensors").resolve()
     line = load_line(model_name, kwargs, weights, norm)
     info = {"model": model_name, "kwargs": kwargs, "weights": "model.safetensors", "source": str(tag_dir.resolve()),
@@ -211,7 +299,8 @@ def _write_docs(out: Path, model_name: str, kwargs: dict[str, Any], tag_dir: Pat
         "classifier (`num_classes=0`); the distillation head was dropped.\n\n"
         f"```python\nimport timm\n\nmodel = {line}\n# or: {info['load_local_dir']}\n```\n\n"
         f"Inputs: RGB in [0, 1] normalised with mean {info['mean']} and std {info['std']}, "
-        f"{kwargs.get('img_size')} px. For fine-tuning pass e.g. `num_classes=1000, drop_path_rate=0.1` as well.\n")
+        f"{kwargs.get('img_size')} px. For fine-tuning pass e.g. `num_classes=1000, drop_path_rate=0.1` as well.\n\n"
+        + _finetune_section(out, size, kwargs, norm))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,6 +5,9 @@
     run_job(cfg, args, stop)  ->  build_run  ->  restore  ->  train  ->  train_step  ->  task.losses
                                                                       ->  save (every ckpt_every)  ->  finish (export)
 
+With an ``eval`` section, ``build_monitor`` opens the evaluation sets first, a fresh run evaluates the untrained
+student (``evaluate_start``) and ``train`` evaluates every ``eval.every`` steps, before that step's checkpoint.
+
 Everything that talks to other ranks goes through ``runtime`` (engine, checkpoint, distributed, cluster); the
 model code (``model.task``) never does.
 """
@@ -28,7 +31,9 @@ from hybrid_distill.config import Config, save_config, to_dict
 from hybrid_distill.data import build_loader
 from hybrid_distill.data.loader import ImageLoader
 from hybrid_distill.errors import CheckpointError, HybridDistillError
+from hybrid_distill.eval.monitor import OnlineEval
 from hybrid_distill.model.task import HybridDistillTask
+from hybrid_distill.model.teachers import RANDOM_TEACHER_WARN_PARAMS, describe
 from hybrid_distill.runtime import checkpoint, cluster, distributed, engine, metrics
 from hybrid_distill.runtime.resume import check_resume
 
@@ -231,6 +236,8 @@ def step_metrics(run: Run, result: StepResult, dt: float, images: int) -> dict[s
     t = distributed.all_reduce_sum(torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=run.device))
     values = {k: v / run.env.world_size for k, v in zip(keys, t.tolist(), strict=True)}
     grad_norm = engine.grad_norm(run.engine)
+    if run.device.type == "cuda":
+        values["max_memory_gib"] = torch.cuda.max_memory_allocated(run.device) / 2**30
     values.update(
         epoch=run.step / run.steps_per_epoch,
         lr=run.engine.optimizer.param_groups[0]["lr"],
@@ -244,8 +251,12 @@ def step_metrics(run: Run, result: StepResult, dt: float, images: int) -> dict[s
     return values
 
 
-def train(run: Run, stop: cluster.StopRequest, logger: metrics.MetricsLogger) -> int:
-    """Run until ``total_steps``, a stop request, or too many non-finite losses; returns the exit code."""
+def train(run: Run, stop: cluster.StopRequest, logger: metrics.MetricsLogger, monitor: OnlineEval | None = None) -> int:
+    """Run until ``total_steps``, a stop request, or too many non-finite losses; returns the exit code.
+
+    With a ``monitor``, every step it names is evaluated after the step's log line and before its checkpoint, so a
+    checkpoint's step always has its evaluation row and a resume never repeats it.
+    """
     cfg = run.cfg.run
     data = batches(run)
     first_step = run.step
@@ -264,6 +275,10 @@ def train(run: Run, stop: cluster.StopRequest, logger: metrics.MetricsLogger) ->
             images = (run.step - step_last) * run.cfg.optim.global_batch_size
             logger.log(run.step, step_metrics(run, result, now - t_last, images))
             t_last, step_last = now, run.step
+        if monitor is not None and monitor.due(run.step, run.total_steps):
+            t_eval = time.perf_counter()
+            logger.log(run.step, monitor.evaluate(run.engine), group="eval")
+            t_last += time.perf_counter() - t_eval  # the evaluation is not training throughput
         finished = run.step >= run.total_steps
         if finished or run.step % cfg.ckpt_every == 0:
             save(run)
@@ -289,6 +304,46 @@ def finish(run: Run) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Start-up report and evaluation
+
+
+def log_teachers(run: Run) -> None:
+    """One line per teacher: model, where its weights came from, parameter count, dtype, input size; a WARNING
+    for a random teacher of real size (random weights are for smoke tests: the tiny preset's are < 0.5M)."""
+    for role in ("mim_teacher", "feature_teacher"):
+        info = describe(getattr(run.task, role), getattr(run.cfg, role), role)
+        log.info("%s: %s %s, weights: %s, %.1fM parameters, %s, %d px, %d blocks x %d heads", role,
+                 info["library"], info["model"], info["weights"], info["parameters"] / 1e6, info["dtype"],
+                 info["img_size"], info["depth"], info["num_heads"])
+        if info["random"] and info["parameters"] >= RANDOM_TEACHER_WARN_PARAMS:
+            log.warning("%s %s has RANDOM weights (%.1fM parameters): the student learns nothing useful from it. "
+                        "Set %s.weights=pretrained or a checkpoint path", role, info["model"],
+                        info["parameters"] / 1e6, role)
+
+
+def build_monitor(cfg: Config, env: cluster.DistEnv, device: torch.device) -> OnlineEval | None:
+    """The online evaluation of the ``eval`` section (its sets opened and checked before the teachers load), or
+    None when ``eval.train_source`` is not set."""
+    if cfg.eval.train_source is None:
+        return None
+    cache = cfg.data.cache_dir or str(Path(cfg.run.output_dir) / "cache")  # the training loader's folder-index cache
+    monitor = OnlineEval(cfg, env.rank, env.world_size, device, cache)
+    log.info("online evaluation: %d + %d images (%s / %s), %s, every %d steps", len(monitor.train_set),
+             len(monitor.val_set), cfg.eval.train_source, cfg.eval.val_source, ", ".join(cfg.eval.protocols),
+             cfg.eval.every)
+    return monitor
+
+
+def evaluate_start(run: Run, monitor: OnlineEval, logger: metrics.MetricsLogger) -> None:
+    """Step 0 of a fresh run: the teachers' attention statistics, then the untrained student's evaluation."""
+    teachers = monitor.teacher_metrics({"mim_teacher": run.task.mim_teacher,
+                                        "feature_teacher": run.task.feature_teacher})
+    if teachers:
+        logger.log(0, teachers, group="teachers")
+    logger.log(0, monitor.evaluate(run.engine), group="eval")
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # The job
 
 
@@ -302,10 +357,12 @@ def run_job(cfg: Config, args: argparse.Namespace, stop: cluster.StopRequest) ->
     device = pick_device(env)
     distributed.init(device, cluster.dist_timeout())
     try:
+        monitor = build_monitor(cfg, env, device)
         run, resume, universal = build_run(cfg, args, env, device)
     except HybridDistillError as e:
         log.error("error: %s", e)
         return EXIT_BAD_INPUT
+    log_teachers(run)
     if resume is not None:
         try:
             restore(run, resume, universal)
@@ -319,7 +376,9 @@ def run_job(cfg: Config, args: argparse.Namespace, stop: cluster.StopRequest) ->
     log.info("%s | %d steps (%d per epoch), accumulation %d, world size %d", env.describe(), run.total_steps,
              run.steps_per_epoch, run.accum, env.world_size)
     try:
-        code = train(run, stop, logger)
+        if monitor is not None and resume is None:
+            evaluate_start(run, monitor, logger)
+        code = train(run, stop, logger, monitor)
     finally:
         logger.close()
     if code == 0:

@@ -12,20 +12,39 @@ after saving a checkpoint: resume with ``--resume auto``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
-from hybrid_distill.config import Config, load_config
+import yaml
+
+from hybrid_distill.config import Config, load_config, to_dict
 from hybrid_distill.config.files import check_inputs
+from hybrid_distill.config.presets import PRESETS
 from hybrid_distill.errors import HybridDistillError
 from hybrid_distill.runtime.cluster import StopRequest
 
 EXIT_BAD_INPUT = 2
 
 
+def help_epilog() -> str:
+    """The presets (with their one-line summaries) and every config section with its keys, for ``--help``."""
+    lines = ["presets (--preset NAME):"]
+    width = max(len(name) for name in PRESETS)
+    for name, make in PRESETS.items():
+        lines.append(f"  {name:<{width}}  {(make.__doc__ or '').strip().splitlines()[0]}")
+    lines += ["", "config sections (override any key as section.key=value; README.md has the table):"]
+    for name, section in vars(Config()).items():
+        lines.append(f"  {name}: {', '.join(f.name for f in dataclasses.fields(section))}")
+    lines += ["", "examples:", "  deepspeed launch.py --ds_config ds_configs/zero2.json --preset tiny run.max_steps=20",
+              "  hybrid-distill --preset vitb_in1k_deit_mae --print-config"]
+    return "\n".join(lines)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Command line: launcher flags, config sources and dotted overrides (``optim.base_lr=3e-4``)."""
-    p = argparse.ArgumentParser(prog="launch.py", description="Hybrid Distillation trainer (DeepSpeed).")
+    p = argparse.ArgumentParser(prog="launch.py", description="Hybrid Distillation trainer (DeepSpeed).",
+                                epilog=help_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ds_config", "--ds-config", dest="ds_config", default="ds_configs/zero2.json",
                    help="DeepSpeed JSON with engine knobs (ZeRO stage, bf16, buckets)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
@@ -33,6 +52,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--config", default=None, help="YAML file with config sections")
     p.add_argument("--output-dir", "--output_dir", dest="output_dir", default=None, help="run directory")
     p.add_argument("--resume", default="auto", help="auto (newest complete checkpoint), none, or a checkpoint path")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config (preset, --config file, overrides) as YAML and exit")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.base_lr=3e-4 run.max_steps=100")
     return p.parse_intermixed_args(argv)  # options and key=value overrides in any order
 
@@ -50,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = resolve_config(args)
+        if args.print_config:  # before the file checks: inspect a config for a machine that has the data
+            print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+            return 0
         check_inputs(cfg, args.ds_config, args.resume)
     except HybridDistillError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -317,3 +317,51 @@ def test_cli_errors(tmp_path, capsys):
     assert "neither an export directory" in capsys.readouterr().err
     assert main(["no_such_timm_model", "--out", str(tmp_path / "x.json")]) == 2
     assert "no_such_timm_model" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# teachers: attention maps through the Backbone adapters
+
+
+def test_backbone_maps_of_a_timm_teacher_equal_the_hooked_forward_maps():
+    from hybrid_distill.analysis import iter_attention_maps, iter_backbone_attention_maps, summarise
+    from hybrid_distill.model.backbones import TimmBackbone
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_small_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2,
+                              num_classes=0).eval()
+    x = torch.randn(3, 3, 32, 32)
+    hooked = dict(iter_attention_maps(model, x))
+    adapted = dict(iter_backbone_attention_maps(TimmBackbone(model), x, blocks=[0, 2]))
+    assert sorted(adapted) == [0, 2]
+    for i, attn in adapted.items():
+        torch.testing.assert_close(attn, hooked[i], rtol=1e-5, atol=1e-6)
+    one = summarise([iter_backbone_attention_maps(TimmBackbone(model), x)], 3, (32, 32), 8)
+    ref = analyse(model, x, batch_size=2)  # summarise of the adapter's maps = analyse
+    assert {k: v for k, v in one.items() if k != "blocks"} == {k: v for k, v in ref.items() if k != "blocks"}
+    for a, b in zip(one["blocks"], ref["blocks"], strict=True):
+        assert a["block"] == b["block"] and a["nmi_per_head"] == pytest.approx(b["nmi_per_head"], rel=1e-5)
+        assert a["head_distance_per_head"] == pytest.approx(b["head_distance_per_head"], rel=1e-6)
+
+
+def test_backbone_maps_of_an_open_clip_tower_equal_its_own_attention_weights():
+    import open_clip
+
+    from hybrid_distill.analysis import iter_backbone_attention_maps
+    from hybrid_distill.model.backbones import OpenClipBackbone
+
+    torch.manual_seed(0)
+    cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16,
+                                           "patch_size": 8},
+           "text_cfg": {"context_length": 8, "vocab_size": 50, "width": 16, "heads": 1, "layers": 1}}
+    visual = open_clip.model.CLIP(cfg["embed_dim"], cfg["vision_cfg"], cfg["text_cfg"]).visual.eval()
+    backbone = OpenClipBackbone(visual)
+    x = torch.randn(2, 3, 32, 32)
+    maps = dict(iter_backbone_attention_maps(backbone, x))
+    with torch.no_grad():
+        h = backbone.embed(x)
+        for i, block in enumerate(backbone.blocks):
+            y = block.ln_1(h)
+            _, weights = block.attn(y, y, y, need_weights=True, average_attn_weights=False)  # (B, H, N, N)
+            torch.testing.assert_close(maps[i], weights, rtol=1e-4, atol=1e-6)
+            h = block(h)

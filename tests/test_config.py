@@ -141,6 +141,7 @@ def test_override_without_equals_sign_is_rejected():
         ("feature_teacher.grid_align=crop", "feature_teacher.grid_align", ["resize", "resample"]),
         ("run.teacher_dtype=int8", "run.teacher_dtype", ["bfloat16", "float16", "float32"]),
         ("loss.relation_impl=cuda", "loss.relation_impl", ["auto", "torch", "triton"]),
+        ("loss.relation_scale=sqrt", "loss.relation_scale", ["sqrt_d", "none"]),
     ],
 )
 def test_bad_choice_names_the_key_and_the_valid_choices(override, key, choices):
@@ -150,6 +151,16 @@ def test_bad_choice_names_the_key_and_the_valid_choices(override, key, choices):
     assert key in message
     for choice in choices:
         assert choice in message
+
+
+EVAL = ["eval.train_source=folder:/data/train", "eval.val_source=folder:/data/val"]
+
+
+def test_eval_section_is_off_by_default_and_parses_its_lists():
+    assert load_config(preset="tiny").eval.train_source is None
+    cfg = load_config(preset="tiny", overrides=[*EVAL, "eval.protocols=knn", "eval.pools=[avg]", "eval.every=50",
+                                                "eval.val_samples=null"])
+    assert (cfg.eval.protocols, cfg.eval.pools, cfg.eval.every, cfg.eval.val_samples) == (["knn"], ["avg"], 50, None)
 
 
 @pytest.mark.parametrize(
@@ -185,6 +196,16 @@ def test_bad_choice_names_the_key_and_the_valid_choices(override, key, choices):
         (["data.synthetic_size=0"], "data.synthetic_size"),
         (["data.num_samples=0"], "data.num_samples"),
         (["data.shuffle_buffer=-1"], "data.shuffle_buffer"),
+        (["eval.train_source=synthetic"], "eval.train_source/val_source"),  # one without the other
+        (EVAL + ["eval.val_source=s3://x"], "eval.val_source"),
+        (EVAL + ["eval.protocols=knn,svm"], "eval.protocols"),
+        (EVAL + ["eval.pools=cls,max"], "eval.pools"),
+        (EVAL + ["eval.every=0"], "eval.every"),
+        (EVAL + ["eval.train_samples=0"], "eval.train_samples"),
+        (EVAL + ["eval.knn_k=0"], "eval.knn_k"),
+        (EVAL + ["eval.knn_temperature=0"], "eval.knn_temperature"),
+        (EVAL + ["eval.linear_weight_decay=0"], "eval.linear_weight_decay"),
+        (EVAL + ["eval.crop_pct=1.5"], "eval.crop_pct"),
     ],
 )
 def test_invalid_combinations_are_rejected(overrides, key):

@@ -131,3 +131,87 @@ def test_torn_checkpoint_is_a_clear_error(runs, tmp_path):
     with pytest.raises(ExportError, match="cannot read the fp32 weights of .*torn/checkpoints/step_00000002"):
         export_student(run_dir, tmp_path / "out")
     assert main([str(run_dir), "--out", str(tmp_path / "out")]) == 2
+
+
+def _readme_flags(readme: str) -> dict[str, list[str]]:
+    """``{flag: [values]}`` of the ``torchrun ... train.py`` command in an export's README."""
+    import shlex
+
+    command = readme.split("```bash\n", 1)[1].split("\n```", 1)[0].replace("\\\n", " ")
+    flags, current = {}, None
+    for token in shlex.split(command):
+        if token.startswith("-") and not token[1:2].isdigit():
+            current = token.lstrip("-")
+            flags[current] = []
+        elif current is not None:
+            flags[current].append(token)
+    return flags
+
+
+def test_readme_gives_the_papers_finetuning_command_with_the_recorded_input(runs, tmp_path):
+    export_student(runs[2], tmp_path / "export")
+    readme = (tmp_path / "export" / "README.md").read_text()
+    flags = _readme_flags(readme)
+    assert flags["model"] == [f"local-dir:{(tmp_path / 'export').resolve()}"] and "pretrained" in flags
+    assert flags["img-size"] == ["64"] and flags["mean"] == ["0.485", "0.456", "0.406"]  # the export's own input
+    assert (flags["lr"], flags["b"], flags["nproc_per_node"]) == (["3e-4"], ["32"], ["8", "train.py"])  # 32 x 8 = 256
+    assert (flags["layer-decay"], flags["drop-path"], flags["epochs"]) == (["0.65"], ["0.1"], ["100"])  # dBOT ViT-B
+    assert flags["gp"] == ["avg"] and flags["mixup"] == ["0.8"] and flags["cutmix"] == ["1"]
+    for source in ("appendix C", "DOWNSTREAM.md", "run.sh", "run_finetune.py", "datasets.py", "FINETUNE.md"):
+        assert source in readme, source
+
+
+def test_vit_b_and_vit_l_students_get_dbots_values_for_their_size():
+    from hybrid_distill.export import finetune_recipe, size_name
+
+    norm = {"mean": [0.5] * 3, "std": [0.5] * 3}
+    assert (size_name(768, 12), size_name(1024, 24), size_name(64, 6)) == ("ViT-B", "ViT-L", None)
+    large = {flag: value for flag, value, _ in finetune_recipe("ViT-L", {"img_size": 224}, norm)}
+    assert (large["layer-decay"], large["drop-path"], large["epochs"], large["warmup-epochs"]) == (0.8, 0.2, 50, 5)
+    assert large["lr"] == 3e-4 and large["img-size"] == 224
+
+
+def test_a_short_finetune_through_timms_own_api_with_the_readme_values(runs, tmp_path, one_thread):
+    """The export loads with ``local-dir:`` as the README says (new head, MAE/dBOT pooling), and a few optimizer
+    steps with timm's layer-decayed AdamW, Mixup/CutMix and its training transform run and train it."""
+    import timm
+    from safetensors.torch import load_file
+    from timm.data import Mixup, create_transform, resolve_data_config
+    from timm.loss import SoftTargetCrossEntropy
+    from timm.optim import create_optimizer_v2
+
+    export_student(runs[2], tmp_path / "export")
+    f = _readme_flags((tmp_path / "export" / "README.md").read_text())
+    num_classes = 4
+    model = timm.create_model(f["model"][0], pretrained=True, num_classes=num_classes, global_pool=f["gp"][0],
+                              drop_path_rate=float(f["drop-path"][0]))
+    exported = load_file(tmp_path / "export" / "model.safetensors")
+    assert torch.equal(model.state_dict()["blocks.0.attn.qkv.weight"], exported["blocks.0.attn.qkv.weight"])
+    assert torch.equal(model.fc_norm.weight, torch.ones(64)) and model.head.out_features == num_classes
+    data_cfg = resolve_data_config(model=model)
+    assert data_cfg["input_size"] == (3, 64, 64) and tuple(data_cfg["mean"]) == (0.485, 0.456, 0.406)
+    transform = create_transform(**{**data_cfg, "interpolation": f["train-interpolation"][0]}, is_training=True,
+                                 auto_augment=f["aa"][0], re_prob=float(f["reprob"][0]))
+    optimizer = create_optimizer_v2(model, "adamw", lr=float(f["lr"][0]), weight_decay=float(f["weight-decay"][0]),
+                                    layer_decay=float(f["layer-decay"][0]))
+    scales = sorted({round(g["lr_scale"], 6) for g in optimizer.param_groups})
+    assert scales[-1] == 1.0 and scales[0] == pytest.approx(0.65 ** 7, rel=1e-4)  # 6 blocks + embedding: 7 decays
+    mixup = Mixup(mixup_alpha=float(f["mixup"][0]), cutmix_alpha=float(f["cutmix"][0]),
+                  label_smoothing=float(f["smoothing"][0]), num_classes=num_classes)
+    g = torch.Generator().manual_seed(0)
+    from PIL import Image
+
+    pictures = [Image.fromarray(torch.randint(0, 256, (80, 90, 3), generator=g, dtype=torch.uint8).numpy())
+                for _ in range(8)]
+    labels = torch.arange(8) % num_classes
+    before = model.head.weight.detach().clone()
+    loss_fn = SoftTargetCrossEntropy()
+    model.train()
+    for _ in range(3):
+        x, y = mixup(torch.stack([transform(p) for p in pictures]), labels)
+        loss = loss_fn(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        assert torch.isfinite(loss)
+    assert not torch.equal(model.head.weight, before)

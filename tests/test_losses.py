@@ -34,18 +34,18 @@ def feature_loss_by_hand(pred, target_tokens, keep_idx, beta):
 
 
 def relations_by_hand(q, k, rows, d):
-    """(H, n, n) float64: per head q[rows] k[rows]^T / sqrt(d), with explicit index lists."""
+    """(H, n, n) float64: per head q[rows] k[rows]^T / sqrt(d), with explicit index lists (d=None: no scale)."""
     q, k = q.double()[:, rows], k.double()[:, rows]
-    return torch.einsum("hid,hjd->hij", q, k) / math.sqrt(d)
+    return torch.einsum("hid,hjd->hij", q, k) / (math.sqrt(d) if d is not None else 1.0)
 
 
-def relation_pair_by_hand(qs, ks, qt, kt, index, beta, head_reduce="none"):
+def relation_pair_by_hand(qs, ks, qt, kt, index, beta, head_reduce="none", scaled=True):
     B, _, n_keep, d_s = qs.shape
     d_t = qt.shape[-1]
     total, count = 0.0, 0
     for b in range(B):
-        r_s = relations_by_hand(qs[b], ks[b], list(range(n_keep)), d_s)
-        r_t = relations_by_hand(qt[b], kt[b], index[b].tolist(), d_t)
+        r_s = relations_by_hand(qs[b], ks[b], list(range(n_keep)), d_s if scaled else None)
+        r_t = relations_by_hand(qt[b], kt[b], index[b].tolist(), d_t if scaled else None)
         if head_reduce == "mean":
             r_s, r_t = r_s.mean(0), r_t.mean(0)
         diff = smooth_l1(r_s - r_t, beta)
@@ -186,6 +186,27 @@ def test_different_head_dims_use_each_models_own_scale():
     (qs, ks), (qt, kt) = s[0], t[0]
     one_scale = relation_pair_by_hand(qs * (4 / 32**0.5), ks, qt, kt, idx[0], 1.0)
     assert got.item() != pytest.approx(one_scale, rel=1e-3)
+
+
+@pytest.mark.parametrize("head_reduce", ["none", "mean"])
+@pytest.mark.parametrize("d_s, d_t", [(8, 8), (16, 32)])
+def test_relation_scale_none_distils_the_unscaled_q_k_product_of_eq_2(d_s, d_t, head_reduce):
+    s = [_qk(2, 2, 6, d_s, 0.5, seed=100), _qk(2, 2, 6, d_s, 0.5, seed=101)]
+    t = [_qk(2, 2, 12, d_t, 0.5, seed=102), _qk(2, 2, 12, d_t, 0.5, seed=103)]
+    idx = [_keep_idx(2, 12, 6, 104), _keep_idx(2, 12, 6, 105)]
+    for scale, scaled in (("none", False), ("sqrt_d", True)):
+        got = losses.relation_loss(s, t, idx, beta=1.0, head_reduce=head_reduce, impl="torch", scale=scale)
+        want = sum(relation_pair_by_hand(*a, *b, i, 1.0, head_reduce, scaled=scaled)
+                   for a, b, i in zip(s, t, idx, strict=True)) / 2
+        assert got.item() == pytest.approx(want, rel=1e-5), scale
+    unscaled = losses.relation_loss(s, t, idx, beta=1.0, head_reduce=head_reduce, impl="torch", scale="none")
+    scaled_loss = losses.relation_loss(s, t, idx, beta=1.0, head_reduce=head_reduce, impl="torch")
+    assert unscaled.item() != pytest.approx(scaled_loss.item(), rel=1e-2)  # the two readings differ on this data
+
+
+def test_unknown_relation_scale_is_rejected():
+    with pytest.raises(ValueError, match="sqrt_d"):
+        losses.relation_scales(8, 8, "sqrt")
 
 
 def test_low_precision_inputs_are_compared_in_fp32():

@@ -5,11 +5,21 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 
 import pytest
 
 from hybrid_distill.config import RunConfig
-from hybrid_distill.runtime.metrics import LOGGER_NAME, MetricsLogger, format_line, read_metrics, setup_logging
+from hybrid_distill.runtime.metrics import (
+    LOGGER_NAME,
+    MetricsLogger,
+    format_eta,
+    format_eval_line,
+    format_line,
+    plot_losses,
+    read_metrics,
+    setup_logging,
+)
 
 VALUES = {"epoch": 0.5, "loss": 0.43214, "feature_loss": 0.3, "relation_loss": 0.13214, "lr": 1.2e-4,
           "grad_norm": 1.5, "keep_ratio": 0.34, "images_per_s": 850.4, "skipped_steps": 0, "time_data": 0.0123,
@@ -51,8 +61,10 @@ def test_jsonl_tensorboard_plain_lines_and_png(tmp_path, capsys):
     assert rows[0]["skipped_steps"] == 0 and isinstance(rows[0]["skipped_steps"], int)
     assert rows[3] == {"step": 4, "loss": None, "lr": 1e-5}  # non-finite -> null: strict JSON
     err = capsys.readouterr().err  # pytest's stderr is not a terminal: plain lines
-    assert err.splitlines()[0].startswith("step 1/4 | ep 0.50 | loss 1.0000 | feat 0.3000 | rel 0.1000 | lr 1.20e-04")
-    assert "step 4/4 | loss nan | lr 1.00e-05" in err
+    first = err.splitlines()[0]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d step 1/4 \| .* \| eta \d+:\d\d:\d\d", first), first
+    assert first[20:].startswith("step 1/4 | ep 0.50 | loss 1.0000 | feat 0.3000 | rel 0.1000 | lr 1.20e-04")
+    assert "step 4/4 | loss nan | lr 1.00e-05 | eta 0:00:00" in err
     logger.close()
     logger.close()  # idempotent
     png = (tmp_path / "loss.png").read_bytes()
@@ -65,6 +77,60 @@ def test_jsonl_tensorboard_plain_lines_and_png(tmp_path, capsys):
     acc.Reload()
     assert [(e.step, round(e.value, 4)) for e in acc.Scalars("train/loss")] == [(1, 1.0), (2, 0.5), (3, 0.3333)]
     assert "train/relation_loss" in acc.Tags()["scalars"]
+
+
+@pytest.mark.parametrize("rate, text", [(0.0421, "0.0421 img/s"), (1.5, "1.5 img/s"), (57.26, "57.3 img/s"),
+                                        (850.4, "850 img/s"), (12345.6, "12346 img/s")])
+def test_throughput_keeps_three_significant_digits_and_is_never_printed_as_zero(rate, text):
+    assert format_line(1, 2, {"images_per_s": rate}) == f"step 1/2 | {text}"
+
+
+def test_gpu_memory_has_its_label():
+    assert format_line(3, 9, {"max_memory_gib": 71.234}) == "step 3/9 | mem 71.2GiB"
+
+
+def test_eta_follows_the_step_rate_of_this_job(tmp_path, monkeypatch):
+    clock = iter([100.0, 110.0, 120.0, 130.0])  # logger start, first row, later rows
+    monkeypatch.setattr("hybrid_distill.runtime.metrics.time.monotonic", lambda: next(clock))
+    logger = MetricsLogger(tmp_path, RunConfig(tensorboard=False), is_main=True, total_steps=100, initial_step=40)
+    assert logger.eta(50) == pytest.approx(50 * 10 / 10)  # 10 steps in 10 s since the start: 50 left
+    logger._first_row = False
+    logger._clock = (110.0, 50)
+    assert logger.eta(60) == pytest.approx(40 * 10 / 10)  # from the first training row on
+    assert format_eta(3 * 3600 + 62) == "3:01:02" and format_eta(float("nan")) == "?"
+    logger.close()
+
+
+def test_eval_rows_get_their_group_in_tensorboard_and_a_compact_console_line(tmp_path, capsys):
+    logger = MetricsLogger(tmp_path, RunConfig(tensorboard=True), is_main=True, total_steps=8)
+    logger.log(0, {"knn_cls_top1": 12.5, "attn_nmi_b1": 0.25, "attn_nmi_b0": 0.5, "attn_distance_b0": 101.0},
+               group="eval")
+    logger.log(2, {"loss": 1.0})
+    logger.log(2, {"knn_cls_top1": 40.0}, group="eval")
+    logger.close()
+    err = capsys.readouterr().err
+    assert "eval step 0/8 | knn_cls_top1 12.5 | attn_nmi 0.5 0.25 | attn_distance 101" in err
+    assert read_metrics(tmp_path / "metrics.jsonl")[1] == {"step": 2, "loss": 1.0, "knn_cls_top1": 40.0}  # merged
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(next((tmp_path / "tensorboard").glob("events.out.tfevents.*"))))
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("eval/knn_cls_top1")] == [(0, 12.5), (2, 40.0)]
+    assert "train/knn_cls_top1" not in acc.Tags()["scalars"]
+    assert format_eval_line(5, 9, {"attn_distance_b10": 2.0, "attn_distance_b2": 1.0}) == \
+        "eval step 5/9 | attn_distance 1 2"  # blocks in numeric order
+
+
+def test_loss_png_gets_an_evaluation_panel(tmp_path):
+    rows = [{"step": 0, "knn_cls_top1": 10.0}, {"step": 1, "loss": 1.0, "feature_loss": 0.9, "relation_loss": 0.1},
+            {"step": 2, "loss": 0.5, "feature_loss": 0.45, "relation_loss": 0.05}, {"step": 2, "knn_cls_top1": 30.0}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    from PIL import Image
+
+    plot_losses(tmp_path / "metrics.jsonl", tmp_path / "with_eval.png")
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[1:3]))
+    plot_losses(tmp_path / "metrics.jsonl", tmp_path / "without.png")
+    assert Image.open(tmp_path / "with_eval.png").height > Image.open(tmp_path / "without.png").height  # 4 vs 3 panels
 
 
 def test_progress_bar_on_a_terminal(tmp_path, monkeypatch):

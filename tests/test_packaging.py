@@ -1,6 +1,7 @@
 """Packaging: a non-editable install ships every module of both packages and the ``hybrid-distill`` command, and
 ``import kernels`` is ours (PyPI has an unrelated ``kernels``)."""
 
+import os
 import shutil
 import subprocess
 import sys
@@ -41,3 +42,28 @@ def test_import_kernels_resolves_to_this_repository():
 
     assert Path(kernels.__file__).resolve().parent == REPO / "kernels"
     assert hasattr(kernels, "relation_loss") and hasattr(kernels, "gather_relations")
+
+
+@pytest.mark.slow
+def test_a_non_editable_install_gives_a_hybrid_distill_command_that_runs(wheel, tmp_path):
+    """``pip install .`` (here: its wheel) into a fresh environment: ``hybrid-distill`` and ``python -m
+    hybrid_distill.train`` run from anywhere, with the installed copy of the package (not this checkout)."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    python, command = venv / "bin" / "python", venv / "bin" / "hybrid-distill"
+    subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", str(wheel)],
+                   check=True, capture_output=True)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = tmp_path / "elsewhere"
+    out.mkdir()
+    help_text = subprocess.run([str(command), "--help"], cwd=out, env=env, capture_output=True, text=True, check=True)
+    assert "presets (--preset NAME):" in help_text.stdout and "vitl_in21k_clip_mae" in help_text.stdout
+    printed = subprocess.run([str(command), "--preset", "tiny", "--print-config", "run.max_steps=3"], cwd=out, env=env,
+                             capture_output=True, text=True, check=True)
+    assert "max_steps: 3" in printed.stdout
+    where = subprocess.run([str(python), "-c", "import hybrid_distill; print(hybrid_distill.__file__)"], cwd=out,
+                           env=env, capture_output=True, text=True, check=True).stdout
+    assert str(venv) in where and str(REPO) not in where
+    module = subprocess.run([str(python), "-m", "hybrid_distill.train", "--help"], cwd=out, env=env,
+                            capture_output=True, text=True)
+    assert module.returncode == 0 and "--print-config" in module.stdout

@@ -48,14 +48,15 @@ def feature_loss_by_hand(pred, tokens, keep_idx, beta):
     return total / pred.numel()
 
 
-def relation_loss_by_hand(student_qk, teacher_qk, indices, beta):
+def relation_loss_by_hand(student_qk, teacher_qk, indices, beta, scaled=True):
     pairs = []
     for (q_s, k_s), (q_t, k_t), index in zip(student_qk, teacher_qk, indices, strict=True):
         total, count = 0.0, 0
+        c_s, c_t = (math.sqrt(q_s.shape[-1]), math.sqrt(q_t.shape[-1])) if scaled else (1.0, 1.0)
         for b in range(q_s.shape[0]):
             rows = index[b].tolist()
-            r_s = q_s[b].double() @ k_s[b].double().transpose(-1, -2) / math.sqrt(q_s.shape[-1])
-            r_t = q_t[b].double()[:, rows] @ k_t[b].double()[:, rows].transpose(-1, -2) / math.sqrt(q_t.shape[-1])
+            r_s = q_s[b].double() @ k_s[b].double().transpose(-1, -2) / c_s
+            r_t = q_t[b].double()[:, rows] @ k_t[b].double()[:, rows].transpose(-1, -2) / c_t
             diff = _smooth_l1(r_s - r_t, beta)
             total, count = total + float(diff.sum()), count + diff.numel()
         pairs.append(total / count)
@@ -104,6 +105,21 @@ def test_loss_terms_equal_an_independent_computation_with_their_own_betas():
     # the betas matter for this data (each term has elements on both sides of its beta)
     assert out["relation_loss"].item() != pytest.approx(relation_loss_by_hand(qk, targets.mim.qk,
                                                                               targets.mim.qk_index, 1.0), rel=1e-2)
+
+
+@pytest.mark.parametrize("scale, scaled", [("sqrt_d", True), ("none", False)])
+def test_loss_relation_scale_selects_the_relation_that_is_distilled(scale, scaled):
+    task = _task(f"loss.relation_scale={scale}")
+    images = _images(4, seed=2)
+    targets = task.targets(images)
+    out = task.losses(images, targets)
+    s = task.trainable.student.pretrained_cfg
+    with torch.no_grad():
+        _, qk = task.trainable(_normalise(images, s["mean"], s["std"]), targets.keep_idx)
+    want = relation_loss_by_hand(qk, targets.mim.qk, targets.mim.qk_index, task.cfg.loss.relation_beta, scaled)
+    assert out["relation_loss"].item() == pytest.approx(want, rel=1e-4)
+    other = relation_loss_by_hand(qk, targets.mim.qk, targets.mim.qk_index, task.cfg.loss.relation_beta, not scaled)
+    assert out["relation_loss"].item() != pytest.approx(other, rel=1e-2)
 
 
 def test_student_argument_runs_the_student_forward():

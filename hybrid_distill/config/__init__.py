@@ -14,6 +14,7 @@ from hybrid_distill.config.schema import (
     CHOICES,
     Config,
     DataConfig,
+    EvalConfig,
     LossConfig,
     MaskingConfig,
     OptimConfig,
@@ -27,7 +28,7 @@ from hybrid_distill.config.schema import (
 from hybrid_distill.errors import ConfigError
 
 __all__ = [
-    "CHOICES", "Config", "ConfigError", "DataConfig", "LossConfig", "MaskingConfig", "OptimConfig", "RunConfig",
-    "StudentConfig", "TeacherConfig", "apply_dict", "changed_keys", "config_from_dict", "dotted_value", "get_key",
-    "load_config", "parse_override", "peak_lr", "save_config", "set_key", "to_dict", "validate",
+    "CHOICES", "Config", "ConfigError", "DataConfig", "EvalConfig", "LossConfig", "MaskingConfig", "OptimConfig",
+    "RunConfig", "StudentConfig", "TeacherConfig", "apply_dict", "changed_keys", "config_from_dict", "dotted_value",
+    "get_key", "load_config", "parse_override", "peak_lr", "save_config", "set_key", "to_dict", "validate",
 ]

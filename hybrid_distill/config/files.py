@@ -27,11 +27,11 @@ def check_weights_file(teacher: TeacherConfig, role: str) -> None:
                            "(use random, pretrained, or a path to a local checkpoint)")
 
 
-def folder_root(target: str) -> Path:
-    """The directory of a ``folder:PATH`` source, which must exist."""
+def folder_root(target: str, key: str = "data.source") -> Path:
+    """The directory of a ``folder:PATH`` source (named by config key ``key``), which must exist."""
     root = Path(os.path.expanduser(target))
     if not root.is_dir():
-        raise DataError(f"data.source=folder:{target}: folder {str(root)!r} does not exist")
+        raise DataError(f"{key}=folder:{target}: folder {str(root)!r} does not exist")
     return root
 
 
@@ -44,9 +44,11 @@ def check_resume_arg(resume: str) -> None:
 def check_inputs(cfg: Config, ds_config: str | Path, resume: str) -> None:
     """Every cheap file check, before teachers, data or the process group are touched."""
     check_ds_config_file(ds_config)
-    kind, where = parse_source(cfg.data.source)
-    if kind == "folder":
-        folder_root(where)
+    for key, source in (("data.source", cfg.data.source), ("eval.train_source", cfg.eval.train_source),
+                        ("eval.val_source", cfg.eval.val_source)):
+        kind, where = parse_source(source, key) if source else ("", "")
+        if kind == "folder":
+            folder_root(where, key)
     check_weights_file(cfg.mim_teacher, "mim_teacher")
     check_weights_file(cfg.feature_teacher, "feature_teacher")
     check_resume_arg(resume)

@@ -71,6 +71,9 @@ class LossConfig:
     relation_beta: float = 1.0
     head_reduce: str = "none"  # none (head counts must match) | mean (average relations over heads)
     relation_impl: str = "auto"  # auto | torch | triton (kernels.relation_loss)
+    # The relation R distilled at blocks L-3, L-2: sqrt_d = q k^T / sqrt(d_head) (timm's attention logits, our
+    # default), none = q k^T as Eq. 2 writes R_m^i (docs/algorithm.md).
+    relation_scale: str = "sqrt_d"
 
 
 @dataclass
@@ -129,6 +132,36 @@ class RunConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Online evaluation of the student during training (docs/evaluation.md); off while ``train_source`` is null.
+
+    At step 0 (a fresh run), every ``every`` optimizer steps and at the last step, the student's frozen features of
+    two fixed labelled subsets (same source forms as ``data.source``) are classified by weighted k-NN and a linear
+    probe, and its attention distance and NMI per block are measured on a fixed batch of the val subset.
+    """
+
+    train_source: str | None = None  # labelled images the classifiers are fitted on (folder:, hf:, wds:, synthetic)
+    val_source: str | None = None  # labelled held-out images they are scored on
+    train_split: str = "train"  # hf/wds split names
+    val_split: str = "validation"
+    train_samples: int | None = 10000  # fixed subset sizes (seeded choice); null: the whole source
+    val_samples: int | None = 5000
+    every: int = 1000  # optimizer steps between evaluations
+    protocols: list[str] = field(default_factory=lambda: ["knn", "linear", "attention"])
+    pools: list[str] = field(default_factory=lambda: ["cls", "avg"])  # CLS token, mean of the patch tokens
+    knn_k: int = 20  # DINO's weighted k-NN: k neighbours, cosine similarity, votes exp(sim / T)
+    knn_temperature: float = 0.07
+    linear_epochs: int = 100  # L-BFGS iterations (each one full pass over the features)
+    linear_weight_decay: float = 1e-4  # L2 penalty of the probe (mean cross-entropy + wd/2 ||W||^2)
+    attention_images: int = 16  # fixed val batch for attention distance / NMI
+    batch_size: int = 64  # per-device images per forward
+    num_workers: int = 2
+    crop_pct: float = 0.875  # resize the shorter side to img_size / crop_pct, centre-crop img_size (DINO: 224/256)
+    image_key: str | None = None  # hf/wds image column (None: auto, as data.image_key)
+    streaming: bool = False  # hf/wds: read the first samples of the stream instead of materialising the source
+
+
+@dataclass
 class Config:
     """The whole run."""
 
@@ -142,6 +175,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -153,6 +187,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "feature_teacher.grid_align": ("resize", "resample"),
     "loss.head_reduce": ("none", "mean"),
     "loss.relation_impl": ("auto", "torch", "triton"),
+    "loss.relation_scale": ("sqrt_d", "none"),
     "run.teacher_dtype": ("bfloat16", "float16", "float32"),
 }
 
@@ -178,6 +213,7 @@ def validate(cfg: Config) -> Config:
     _check(cfg.run.log_every >= 1, "run.log_every", "must be >= 1")
     _check(cfg.run.max_nonfinite >= 1, "run.max_nonfinite", "must be >= 1")
     _check_optim(cfg)
+    _check_eval(cfg.eval)
     lo, hi = cfg.data.crop_scale
     _check(0 < lo <= hi <= 1, "data.crop_scale", "must satisfy 0 < min <= max <= 1")
     _check(0 <= cfg.data.max_bad_fraction < 1, "data.max_bad_fraction", "must be in [0, 1)")
@@ -217,18 +253,48 @@ def _check_optim(cfg: Config) -> None:
 SOURCE_FORMS = "synthetic, folder:PATH, hf:NAME_OR_PATH or wds:GLOB_OR_BRACE_PATTERN"
 
 
-def parse_source(source: str) -> tuple[str, str]:
-    """Split ``data.source`` into (kind, target), e.g. ``("folder", "/data/in1k/train")``.
+def parse_source(source: str, key: str = "data.source") -> tuple[str, str]:
+    """Split a source (``data.source``, ``eval.*_source``) into (kind, target), e.g. ``("folder", "/data/train")``.
 
     Raises:
-        ConfigError: naming ``data.source`` and the valid forms when the value is malformed.
+        ConfigError: naming ``key`` and the valid forms when the value is malformed.
     """
     if source == "synthetic":
         return "synthetic", ""
     kind, sep, target = str(source).partition(":")
     if kind not in ("folder", "hf", "wds") or not sep or not target.strip():
-        raise ConfigError(f"data.source={source!r} is not valid; use {SOURCE_FORMS}")
+        raise ConfigError(f"{key}={source!r} is not valid; use {SOURCE_FORMS}")
     return kind, target.strip()
+
+
+EVAL_PROTOCOLS = ("knn", "linear", "attention")
+EVAL_POOLS = ("cls", "avg")
+
+
+def _check_eval(ev: EvalConfig) -> None:
+    if ev.train_source is None and ev.val_source is None:
+        return
+    _check(ev.train_source is not None and ev.val_source is not None, "eval.train_source/val_source",
+           "must both be set (labelled images to fit the classifiers on, and held-out images to score them on)")
+    for key, source in (("eval.train_source", ev.train_source), ("eval.val_source", ev.val_source)):
+        parse_source(source, key)
+    bad = [p for p in ev.protocols if p not in EVAL_PROTOCOLS]
+    _check(not bad and ev.protocols, "eval.protocols", f"{ev.protocols} must be a non-empty list of "
+           f"{', '.join(EVAL_PROTOCOLS)}")
+    bad = [p for p in ev.pools if p not in EVAL_POOLS]
+    _check(not bad and ev.pools, "eval.pools", f"{ev.pools} must be a non-empty list of {', '.join(EVAL_POOLS)}")
+    for key in ("train_samples", "val_samples"):
+        value = getattr(ev, key)
+        _check(value is None or value >= 1, f"eval.{key}", "must be >= 1 (or null: the whole source)")
+    _check(ev.every >= 1, "eval.every", "must be >= 1 (optimizer steps between evaluations)")
+    _check(ev.knn_k >= 1, "eval.knn_k", "must be >= 1")
+    _check(ev.knn_temperature > 0, "eval.knn_temperature", "must be > 0")
+    _check(ev.linear_epochs >= 1, "eval.linear_epochs", "must be >= 1")
+    _check(ev.linear_weight_decay > 0, "eval.linear_weight_decay", "must be > 0 (the probe's optimum is then unique)")
+    _check(ev.attention_images >= 1, "eval.attention_images", "must be >= 1")
+    _check(ev.batch_size >= 1 and ev.num_workers >= 0, "eval.batch_size/num_workers", "must be >= 1 / >= 0")
+    _check(0 < ev.crop_pct <= 1, "eval.crop_pct", "must be in (0, 1]")
+
 
 
 def peak_lr(cfg: Config) -> float:

@@ -106,7 +106,7 @@ class HybridDistillTask(nn.Module):
         c = self.cfg.loss
         feat = losses.feature_loss(pred, targets.features, targets.keep_idx, c.feature_beta)
         rel = losses.relation_loss(qk_s, targets.mim.qk, targets.mim.qk_index, c.relation_beta, c.head_reduce,
-                                   c.relation_impl)
+                                   c.relation_impl, c.relation_scale)
         n_patches = targets.features.shape[1] - 1
         keep_ratio = torch.full((), (targets.keep_idx.shape[1] - 1) / n_patches, device=feat.device)  # no H2D copy
         return {"loss": feat + c.alpha * rel, "feature_loss": feat, "relation_loss": rel, "keep_ratio": keep_ratio}

@@ -318,3 +318,34 @@ def build_teacher(cfg: TeacherConfig, role: str, student_grid: tuple[int, int], 
         raise ConfigError(f"{role} {cfg.model!r} has a {backbone.grid_size} patch grid at {img_size} px; the "
                           f"student's is {student_grid}: they cannot be aligned")
     return Teacher(backbone, img_size, mean, std, grid_size=student_grid)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Start-up report
+
+RANDOM_TEACHER_WARN_PARAMS = 2_000_000  # a random teacher this large is a mistake, not a smoke test (tiny: < 0.5M)
+
+
+def weights_origin(cfg: TeacherConfig, teacher: Teacher | None = None) -> str:
+    """Where a teacher's weights came from: ``random init``, the hub (timm name/tag or open_clip tag) or a file."""
+    if cfg.weights == "random":
+        return "random init"
+    if cfg.weights != "pretrained":
+        return f"file {Path(cfg.weights).resolve()}"
+    if cfg.library == "open_clip":
+        return f"open_clip hub {cfg.model} pretrained={cfg.pretrained_tag}"
+    pretrained_cfg = getattr(getattr(teacher, "backbone", None), "model", None)
+    pretrained_cfg = getattr(pretrained_cfg, "pretrained_cfg", None) or {}
+    where = pretrained_cfg.get("hf_hub_id") or pretrained_cfg.get("url") or "timm default tag"
+    tag = pretrained_cfg.get("tag")
+    return f"timm hub {cfg.model.split('.')[0]}{'.' + tag if tag else ''} ({where})"
+
+
+def describe(teacher: Teacher, cfg: TeacherConfig, role: str) -> dict:
+    """The start-up facts of a teacher: role, model, where its weights came from, parameter count, dtype, input."""
+    params = list(teacher.backbone.parameters())
+    return {"role": role, "library": cfg.library, "model": cfg.model, "weights": weights_origin(cfg, teacher),
+            "random": cfg.weights == "random", "parameters": sum(p.numel() for p in params),
+            "dtype": str(params[0].dtype).removeprefix("torch."), "img_size": teacher.img_size,
+            "depth": teacher.depth, "num_heads": teacher.num_heads}
+

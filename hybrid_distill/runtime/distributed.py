@@ -67,6 +67,21 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+def all_gather_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``rows`` ``(n_r, ...)`` concatenated in rank order (row counts may differ between ranks).
+
+    The tensor must be on the process group's device (CUDA for NCCL, CPU for gloo).
+    """
+    if not initialized():
+        return rows
+    counts = all_gather_objects(rows.shape[0])
+    padded = rows.new_zeros((max(counts), *rows.shape[1:]))
+    padded[: rows.shape[0]] = rows
+    out = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(out, padded)
+    return torch.cat([t[:n] for t, n in zip(out, counts, strict=True)])
+
+
 def init(device: torch.device, timeout: timedelta) -> None:
     """Create the default process group through DeepSpeed: NCCL on CUDA, gloo on CPU."""
     import deepspeed

@@ -297,3 +297,25 @@ def grad_norm(engine: Any) -> float | None:
 def skipped_steps(engine: Any) -> int:
     """Optimizer steps DeepSpeed skipped so far (overflowing bf16/fp16 gradients); log it (docs/dependencies.md)."""
     return int(getattr(engine, "skipped_steps", 0))
+
+
+def copy_module_weights(engine: Any, name: str, target: nn.Module) -> None:
+    """Copy the full weights of ``engine.module.<name>`` into ``target`` (same architecture), on every rank.
+
+    Under ZeRO-3 each parameter is gathered from its partitions (``deepspeed.zero.GatheredParameters``, one at a
+    time, read-only) — a collective, so every rank must call this; under ZeRO-0/1/2 the parameters are whole and
+    this is a plain copy. ``target`` keeps its own dtype (a bf16 engine's weights are upcast).
+    """
+    import deepspeed
+
+    source = engine.module.get_submodule(name)
+    params = dict(source.named_parameters())
+    with torch.no_grad():
+        for key, dst in target.named_parameters():
+            src = params[key]
+            with deepspeed.zero.GatheredParameters([src], modifier_rank=None):
+                dst.copy_(src.detach().to(device=dst.device, dtype=dst.dtype))
+        buffers = dict(source.named_buffers())
+        for key, dst in target.named_buffers():
+            if key in buffers:
+                dst.copy_(buffers[key].to(device=dst.device, dtype=dst.dtype))

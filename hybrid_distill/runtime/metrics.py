@@ -3,12 +3,19 @@
 Only the main rank writes files. ``metrics.jsonl`` has one JSON object per ``log`` call: ``step`` plus the
 values passed (non-finite numbers are written as ``null`` so the file stays strict JSON). It is appended to, so a
 resumed run continues the same file; the rows (and TensorBoard events) a crashed job logged after its last
-checkpoint are dropped when the run resumes (``truncate_after``), so every step appears once.
+checkpoint are dropped when the run resumes (``truncate_after``). A step may have several rows (the training row
+and the evaluation row of the same step): ``read_metrics`` merges them, the later row winning for a key both hold.
+
+Groups: ``log(step, values, group)`` with ``group="train"`` (the loss terms; TensorBoard ``train/KEY``, W&B
+``KEY``), ``"eval"`` (online evaluation; ``eval/KEY`` in both) or ``"teachers"`` (start-up diagnostics).
 
 Console: on an interactive terminal a tqdm bar with the loss; otherwise (SLURM logs, pipes) one plain line
-per ``log`` call, e.g. ``step 120/5000 | loss 0.4321 | feat 0.3012 | rel 0.1309 | lr 1.20e-04 | 850 img/s``.
+per ``log`` call with a timestamp and, for training rows, the ETA, e.g.
+``2026-12-01 10:00:00 step 120/5000 | loss 0.4321 | feat 0.3012 | lr 1.20e-04 | 850 img/s | eta 1:02:03``.
 Known keys get short labels (``LABELS``), in that order; other keys follow as ``key value``, and ``time_*`` keys
-are gathered at the end as ``time(s) data 0.012 teachers 0.034 ...``.
+are gathered at the end as ``time(s) data 0.012 teachers 0.034 ...``. Throughputs are printed with three
+significant digits below 100 (``0.0421 img/s``), never rounded to 0. Evaluation rows print per-block keys
+(``attn_distance_b0``, ``attn_distance_b1``, ...) as one list (``attn_distance 98.1 87.4 ...``).
 """
 
 from __future__ import annotations
@@ -17,7 +24,9 @@ import json
 import logging
 import math
 import os
+import re
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +44,14 @@ LABELS: dict[str, tuple[str, str]] = {
     "lr": ("lr", "{:.2e}"),
     "grad_norm": ("gnorm", "{:.3f}"),
     "keep_ratio": ("keep", "{:.3f}"),
-    "images_per_s": ("img/s", "{:.0f}"),
-    "images_per_s_per_device": ("img/s/dev", "{:.0f}"),
+    "images_per_s": ("img/s", "sig"),
+    "images_per_s_per_device": ("img/s/dev", "sig"),
+    "max_memory_gib": ("mem", "{:.1f}GiB"),
     "skipped_steps": ("skipped", "{:d}"),
 }
 PLOTTED = ("loss", "feature_loss", "relation_loss")
+EVAL_PLOTTED = re.compile(r"^(knn|linear)_\w+_top1$")  # one extra loss.png panel: the evaluation top-1 curves
+PER_BLOCK = re.compile(r"^(.*)_b(\d+)$")
 
 
 class _ConsoleFilter(logging.Filter):
@@ -111,8 +123,40 @@ def format_line(step: int, total_steps: int, values: dict[str, Any]) -> str:
     return " | ".join(parts)
 
 
+def format_eval_line(step: int, total_steps: int, values: dict[str, Any], group: str = "eval") -> str:
+    """An evaluation row, e.g. ``eval step 1000/5000 | knn_cls_top1 45.2 | attn_nmi 0.41 0.38 | ...``.
+
+    Keys ``NAME_b<i>`` (one per block) are printed as one list ``NAME v0 v1 ...`` in block order.
+    """
+    parts, lists = [f"{group} step {step}/{total_steps}"], {}
+    for key, value in values.items():
+        match = PER_BLOCK.match(key)
+        if match:
+            lists.setdefault(match.group(1), {})[int(match.group(2))] = value
+        else:
+            parts.append(f"{key} {_format(value, '{:.4g}')}")
+    for name, blocks in lists.items():
+        parts.append(f"{name} " + " ".join(_format(blocks[i], "{:.3g}") for i in sorted(blocks)))
+    return " | ".join(parts)
+
+
+def format_eta(seconds: float) -> str:
+    """``H:MM:SS`` (hours may exceed 24), or ``?`` when unknown."""
+    if not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
 def _labelled(label: str, text: str) -> str:
     return f"{text} {label}" if label.startswith("img/s") else f"{label} {text}"
+
+
+def significant(value: float) -> str:
+    """A throughput: integer from 100 up, else three significant digits (``0.0421``), never a bare 0."""
+    if abs(value) >= 100:
+        return f"{value:.0f}"
+    return f"{value:.3g}"
 
 
 def _format(value: Any, spec: str) -> str:
@@ -121,6 +165,8 @@ def _format(value: Any, spec: str) -> str:
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     try:
+        if spec == "sig":
+            return significant(float(value))
         return spec.format(int(value) if spec.endswith("d}") else value)
     except (ValueError, TypeError):
         return str(value)
@@ -152,6 +198,8 @@ class MetricsLogger:
         self.run_dir, self.cfg, self.is_main, self.total_steps = Path(run_dir), cfg, is_main, total_steps
         self.path = self.run_dir / "metrics.jsonl"
         self._file = self._tb = self._wandb = self._bar = None
+        self._clock = (time.monotonic(), initial_step)  # ETA reference: (time, step), moved to the first train row
+        self._first_row = True
         if not is_main:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -177,8 +225,15 @@ class MetricsLogger:
             return None
         return wandb.init(project=self.cfg.wandb_project, dir=str(self.run_dir), config=config, name=self.run_dir.name)
 
-    def log(self, step: int, values: dict[str, Any]) -> None:
-        """Record ``values`` (floats/ints, 0-d tensors accepted) at optimizer step ``step``."""
+    def log(self, step: int, values: dict[str, Any], group: str = "train") -> None:
+        """Record ``values`` (floats/ints, 0-d tensors accepted) at optimizer step ``step``.
+
+        Args:
+            step: optimizer step.
+            values: the row.
+            group: ``train`` (TensorBoard ``train/KEY``, W&B ``KEY``, the progress line with its ETA), or another
+                group such as ``eval`` (``GROUP/KEY`` in both, its own console line).
+        """
         if not self.is_main:
             return
         row = {"step": int(step), **{k: _jsonable(v) for k, v in values.items()}}
@@ -187,16 +242,30 @@ class MetricsLogger:
         numeric = {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))}
         if self._tb is not None:
             for key, value in numeric.items():
-                self._tb.add_scalar(f"train/{key}", value, step)
+                self._tb.add_scalar(f"{group}/{key}", value, step)
         if self._wandb is not None:
-            self._wandb.log(numeric, step=step)
-        self._console(step, row)
+            self._wandb.log(numeric if group == "train" else {f"{group}/{k}": v for k, v in numeric.items()},
+                            step=step)
+        self._console(step, row, group)
 
-    def _console(self, step: int, row: dict[str, Any]) -> None:
-        line = format_line(step, self.total_steps, {k: v for k, v in row.items() if k != "step"})
+    def eta(self, step: int) -> float:
+        """Seconds left at ``step``, from the rate since the first training row of this job (before it: start-up)."""
+        t0, s0 = self._clock
+        rate = (step - s0) / max(time.monotonic() - t0, 1e-9)
+        return (self.total_steps - step) / rate if rate > 0 else float("nan")
+
+    def _console(self, step: int, row: dict[str, Any], group: str = "train") -> None:
+        values = {k: v for k, v in row.items() if k != "step"}
+        if group != "train":
+            line = format_eval_line(step, self.total_steps, values, group)
+        else:
+            line = f"{format_line(step, self.total_steps, values)} | eta {format_eta(self.eta(step))}"
+            if self._first_row:  # later ETAs: the rate of the training steps only, not of the start-up
+                self._clock, self._first_row = (time.monotonic(), step), False
         log.info(line, extra={"console": False})  # to train.log only; the console gets it below
-        if self._bar is None:
-            print(line, file=sys.stderr, flush=True)
+        if self._bar is None or group != "train":
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+            print(f"{stamp} {line}", file=sys.stderr, flush=True)
             return
         self._bar.n = min(step, self.total_steps)
         if row.get("loss") is not None:
@@ -258,18 +327,19 @@ def truncate_after(path: Path, step: int) -> None:
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a ``metrics.jsonl``, one per step (the last row wins for repeated steps), sorted by step.
+    """Rows of a ``metrics.jsonl``, one per step, sorted by step: the rows of a step merged, later keys winning.
 
     Unparsable lines (a torn last row) are skipped with a warning.
     """
     rows: dict[int, dict[str, Any]] = {}
     for _, row in _parse_rows(Path(path))[0]:
-        rows[int(row["step"])] = row
+        rows.setdefault(int(row["step"]), {}).update(row)
     return [rows[s] for s in sorted(rows)]
 
 
 def plot_losses(metrics_path: str | Path, out_path: str | Path) -> Path | None:
-    """Plot ``loss``, ``feature_loss`` and ``relation_loss`` against step into a PNG (matplotlib Agg).
+    """Plot ``loss``, ``feature_loss`` and ``relation_loss`` against step into a PNG (matplotlib Agg), and, when the
+    run evaluated, a last panel with the k-NN / linear-probe top-1 curves (``knn_cls_top1``, ...).
 
     Returns:
         ``out_path``, or None when there is nothing to plot.
@@ -279,15 +349,25 @@ def plot_losses(metrics_path: str | Path, out_path: str | Path) -> Path | None:
     if not any(series.values()):
         log.warning("no losses in %s; not writing %s", metrics_path, out_path)
         return None
+    evals = sorted({k for r in rows for k in r if EVAL_PLOTTED.match(k)})
     from matplotlib.figure import Figure  # no pyplot: no global backend state, renders with Agg
 
     # One panel per term: the relation loss is orders of magnitude below the feature loss.
-    fig = Figure(figsize=(7, 2.2 * len(PLOTTED)), dpi=120)
-    axes = fig.subplots(len(PLOTTED), 1, sharex=True, squeeze=False)[:, 0]
-    for ax, (key, points) in zip(axes, series.items(), strict=True):
+    panels = len(PLOTTED) + bool(evals)
+    fig = Figure(figsize=(7, 2.2 * panels), dpi=120)
+    axes = fig.subplots(panels, 1, sharex=True, squeeze=False)[:, 0]
+    for ax, (key, points) in zip(axes, series.items(), strict=False):
         if points:
             ax.plot([x for x, _ in points], [y for _, y in points], color="C0")
         ax.set(ylabel=key)
+        ax.grid(alpha=0.3)
+    if evals:
+        ax = axes[-1]
+        for i, key in enumerate(evals):
+            points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+            ax.plot([x for x, _ in points], [y for _, y in points], marker="o", ms=3, color=f"C{i}", label=key)
+        ax.set(ylabel="eval top-1 (%)")
+        ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     axes[0].set_title("hybrid distillation")
     axes[-1].set_xlabel("optimizer step")
