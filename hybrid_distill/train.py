@@ -33,6 +33,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--config", default=None, help="YAML file with config sections")
     p.add_argument("--output-dir", "--output_dir", dest="output_dir", default=None, help="run directory")
     p.add_argument("--resume", default="auto", help="auto (newest complete checkpoint), none, or a checkpoint path")
+    p.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
+                   help="print the plan (keep schedule, FLOPs per image, accumulation, lr, GPU memory per device for "
+                        "WORLD_SIZE or 1 processes) and exit; builds nothing")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.base_lr=3e-4 run.max_steps=100")
     return p.parse_intermixed_args(argv)  # options and key=value overrides in any order
 
@@ -45,11 +48,24 @@ def resolve_config(args: argparse.Namespace) -> Config:
     return cfg
 
 
+def dry_run(cfg: Config, args: argparse.Namespace) -> int:
+    """``--dry-run``: print the plan (``runtime.plan``; torch is not imported), then check the named files."""
+    from hybrid_distill.config.files import check_ds_config_file
+    from hybrid_distill.runtime import plan
+
+    check_ds_config_file(args.ds_config)
+    print(plan.describe(cfg, args.ds_config, plan.world_size_for_plan()), flush=True)
+    check_inputs(cfg, args.ds_config, args.resume)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse, check, then train (``loop.run_job``). Returns the process exit code."""
     args = parse_args(argv)
     try:
         cfg = resolve_config(args)
+        if args.dry_run:
+            return dry_run(cfg, args)
         check_inputs(cfg, args.ds_config, args.resume)
     except HybridDistillError as e:
         print(f"error: {e}", file=sys.stderr)
