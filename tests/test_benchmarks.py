@@ -110,3 +110,25 @@ def test_flops_table_comes_from_the_config_alone(capsys):
 def test_unknown_variant_is_an_error():
     with pytest.raises(SystemExit):
         tt.parse_args(["--variants", "fast,turbo"])
+
+
+def _load_data_bench():
+    spec = importlib.util.spec_from_file_location("data_throughput", ROOT / "benchmarks" / "data_throughput.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_data_throughput_measures_ours_beside_torchvision(tmp_path, capsys):
+    """One run, the same JPEG corpus, the same workers, batch and crop: both loaders' images/s and their ratio."""
+    dt = _load_data_bench()
+    out = tmp_path / "data.json"
+    dt.main(["--make-corpus", "24", "--corpus-dir", str(tmp_path / "corpus"), "--workers", "0", "--seconds", "0.5",
+             "--warmup", "1", "--batch-size", "8", "--json", str(out)])
+    report = json.loads(out.read_text())
+    rows = {r["impl"]: r for r in report["results"]}
+    assert set(rows) == {"ours", "torchvision"} and report["corpus"]["images"] == 24
+    assert all(r["images_per_s"] > 0 and r["images_per_s_per_core"] == r["images_per_s"] for r in rows.values())
+    ratio = rows["ours"]["images_per_s"] / rows["torchvision"]["images_per_s"]
+    assert f"| 0 | {rows['ours']['images_per_s']} | {rows['torchvision']['images_per_s']} | {ratio:.2f} |" in (
+        capsys.readouterr().out)

@@ -4,17 +4,19 @@ The student is randomly initialised and exported as an ordinary timm state dict,
 timm's own modules. The kept-token forward patch-embeds *all* patches (position embeddings need the full
 grid), gathers CLS + kept tokens, and runs every block with fused attention on the short sequence, tapping
 q, k at the relation blocks (persistent taps, so the forward also runs under ``torch.compile``). With
-``student.grad_checkpointing`` the blocks run under timm's ``checkpoint_seq`` (non-reentrant activation
-checkpointing: only block inputs are kept, each block is recomputed in the backward).
+``student.grad_checkpointing`` (timm's ``set_grad_checkpointing`` flag) each block runs under non-reentrant
+activation checkpointing, as timm's ``checkpoint_seq`` does: only block inputs are kept, each block is
+recomputed in the backward. Non-reentrant explicitly (older timm releases default to re-entrant, which would cut
+the gradient of the q, k tapped inside a block).
 """
 
 from __future__ import annotations
 
 import timm
 import torch
-from timm.models import checkpoint_seq
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from hybrid_distill.config import StudentConfig
 from hybrid_distill.errors import ConfigError
@@ -91,7 +93,8 @@ class DistillStudent(nn.Module):
         x = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(x))))  # (B, 1 + N, D)
         x = gather_tokens(x, keep_idx)  # (B, N', D)
         if m.grad_checkpointing and torch.is_grad_enabled():
-            x = checkpoint_seq(m.blocks, x, use_reentrant=False)  # q, k taken outside a block: needs non-reentrant
+            for block in m.blocks:  # timm's checkpoint_seq, block by block; q, k leave the block: non-reentrant
+                x = checkpoint(block, x, use_reentrant=False)
         else:
             x = m.blocks(x)
         x = m.norm(x)
