@@ -69,6 +69,7 @@ def test_cpu_small_smoke(tmp_path, capsys):
         assert sum(row["parts_ms"].values()) == pytest.approx(row["step_ms"], rel=0.05)
         assert row["peak_mib"] > 0 and row["peak_method"].startswith("MemTracker")
     assert rows["grad_ckpt"]["peak_mib"] < rows["fast"]["peak_mib"]  # same step, activations checkpointed
+    assert rows["grad_ckpt"]["peak_activation_mib"] < 0.5 * rows["fast"]["peak_activation_mib"]
     assert rows["compiled"]["flops_per_image"] == rows["fast"]["flops_per_image"]
     assert report["runs"][0]["variants"][0]["variant"] == "fast"
     capsys.readouterr()

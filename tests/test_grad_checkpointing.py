@@ -71,3 +71,15 @@ def test_recomputed_blocks_do_not_refill_the_q_k_taps():
 def test_checkpointing_is_off_by_default_and_reaches_timm():
     assert not load_config("tiny").student.grad_checkpointing
     assert _task(True).trainable.student.grad_checkpointing
+
+
+def test_a_resume_may_switch_checkpointing_and_continue_checkpoints_saved_without_the_key():
+    """It changes memory, not the recipe: --resume auto must not refuse it (nor a checkpoint from before the key)."""
+    from hybrid_distill.config import to_dict
+    from hybrid_distill.runtime.resume import recipe_changes
+
+    saved = to_dict(load_config("tiny"))
+    current = to_dict(load_config("tiny", overrides=["student.grad_checkpointing=true"]))
+    assert recipe_changes(saved, current) == ([], ["student.grad_checkpointing"])
+    del saved["student"]["grad_checkpointing"]
+    assert recipe_changes(saved, current)[0] == []

@@ -144,8 +144,10 @@ class HybridDistillTask(nn.Module):
         (``engine.compile``). Under ``mode="reduce-overhead"`` the teachers (no gradients, static shapes) run as
         CUDA graphs.
         """
-        # The student's q/k taps are a side effect; a checkpointed block must not replay it when recomputed.
-        torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+        # The student's q/k taps are a side effect; a checkpointed block must not replay it when recomputed (the
+        # knob torchtitan sets for the same reason; absent from older torch, which then graph-breaks there).
+        if hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
+            torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
         for owner, name in COMPILED_FORWARDS:
             obj = self if owner is None else getattr(self, owner)
             setattr(obj, name, torch.compile(getattr(obj, name), **options))  # instance attribute over the method
