@@ -1,10 +1,11 @@
-"""Training throughput: images/s, per-part time, peak memory and MFU of one Hybrid Distillation step (DESIGN 5).
+"""Training throughput: images/s, per-part time, peak memory and MFU of one Hybrid Distillation step.
 
     python benchmarks/train_throughput.py --preset vitl_in21k_clip_mae --batch 64 --steps 20 --warmup 5 \\
-        [--variants fast,naive,no_drop,fp32_teachers,eager_loss] [--out results.json]
+        [--variants fast,naive,no_drop,fp32_teachers,eager_loss,compiled,grad_ckpt] [--out results.json]
     python benchmarks/train_throughput.py --preset vitb_in1k_deit_mae,vitl_in21k_clip_mae --batch 128,64
     python benchmarks/train_throughput.py --cpu-small          # tiny preset, batch 8, fp32: proves it runs
     python benchmarks/train_throughput.py --table results.json # print the markdown table of a saved run
+    python benchmarks/train_throughput.py --flops-only --preset vitl_in21k_clip_mae  # FLOPs per image, no models
 
 What one step is: the training step of ``hybrid_distill.train`` without DeepSpeed, on one device. Both teachers
 run under ``no_grad`` in their own dtype (``run.teacher_dtype``; fp32 on CPU), the student + head run under bf16
@@ -18,15 +19,15 @@ of one batch is timed separately, and decoding is measured by ``benchmarks/data_
 Parts, timed with CUDA events (synchronised ``perf_counter`` on CPU) between marks inside each step:
 MIM teacher (masking + q, k), feature teacher, student forward (a forward hook on ``task.trainable``), loss
 forward, backward (loss + student), optimizer (clip + AdamW + zero_grad). The loss alone (forward + backward
-on detached student outputs) is timed separately; it is part of "loss fwd" and "backward".
+on detached student outputs) is timed separately; it is part of "loss fwd" and "backward". The ``compiled``
+variant runs the student + head, the teachers and the loss under ``torch.compile`` (``run.compile``, as the
+trainer does), ``grad_ckpt`` checkpoints the student's blocks (``student.grad_checkpointing``).
 
-FLOPs per image are analytic (matmuls only, read off the module shapes): a ViT block on n tokens is
-2n(3DI + ID + 2DH) + 4n²I (qkv, proj, MLP, q·kᵀ and attn·v; = 24nD² + 4n²D for I = D, H = 4D), the patch
-embedding 2·P·3p²·D. MIM teacher: blocks up to the last one it needs (max of the masking blocks and L-2) on its
-full sequence; feature teacher: every block; student: patch embedding on every patch, blocks and head on the N'
-kept tokens; backward = 2x forward, except the patch embedding (weight gradient only, 1x); relation loss
-8·N'²·d per (image, head) per layer pair. MFU = achieved FLOP/s / the bf16 matmul rate measured in the same
-run (8192³; on CPU an fp32 1024³ matmul, so CPU MFU is against fp32).
+FLOPs per image come from ``hybrid_distill.model.flops`` (the FLOP model the trainer logs MFU with; matmuls
+only). MFU = achieved FLOP/s / the bf16 matmul rate measured in the same run (8192³; on CPU an fp32 1024³
+matmul, so CPU MFU is against fp32). Peak memory: ``torch.cuda.max_memory_allocated`` over the timed steps on
+the GPU; on the CPU torch's ``MemTracker`` (live tensors: parameters, gradients, optimizer states, activations)
+over one extra step.
 """
 
 from __future__ import annotations
@@ -35,13 +36,11 @@ import argparse
 import contextlib
 import datetime
 import json
-import math
 import os
 import platform
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,117 +51,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import kernels  # noqa: E402
 from hybrid_distill.config import Config, load_config, set_key, validate  # noqa: E402
-from hybrid_distill.model import losses  # noqa: E402
-from hybrid_distill.model.masking import keep_schedule  # noqa: E402
-from hybrid_distill.model.qk_capture import attention_of, head_dims  # noqa: E402
-from hybrid_distill.model.task import HybridDistillTask, Targets  # noqa: E402
-from hybrid_distill.model.teachers import Teacher  # noqa: E402
+from hybrid_distill.model import flops, losses  # noqa: E402
+from hybrid_distill.model.task import COMPILED_FORWARDS, HybridDistillTask, Targets, compile_options  # noqa: E402
 from hybrid_distill.runtime import engine  # noqa: E402
 
 # open_clip towers of the presets and their timm equivalents (same architecture; the GPU image has no open_clip)
 TIMM_CLIP = {"ViT-L-14": "vit_large_patch14_clip_224.openai", "ViT-B-16": "vit_base_patch16_clip_224.openai"}
 
-# Every variant sets all three knobs, so one task can be reused across variants of a preset.
+# Every variant sets every knob, so one task can be reused across the variants of a preset.
+_FAST = {"run.teacher_dtype": "bfloat16", "masking.drop_ratio": "0.3", "loss.relation_impl": "auto",
+         "student.grad_checkpointing": "false", "run.compile": "none"}
 VARIANTS: dict[str, dict[str, str]] = {
-    "fast": {"run.teacher_dtype": "bfloat16", "masking.drop_ratio": "0.3", "loss.relation_impl": "auto"},
-    "naive": {"run.teacher_dtype": "float32", "masking.drop_ratio": "0", "loss.relation_impl": "torch"},
-    "no_drop": {"run.teacher_dtype": "bfloat16", "masking.drop_ratio": "0", "loss.relation_impl": "auto"},
-    "fp32_teachers": {"run.teacher_dtype": "float32", "masking.drop_ratio": "0.3", "loss.relation_impl": "auto"},
-    "eager_loss": {"run.teacher_dtype": "bfloat16", "masking.drop_ratio": "0.3", "loss.relation_impl": "torch"},
+    "fast": _FAST,
+    "naive": {**_FAST, "run.teacher_dtype": "float32", "masking.drop_ratio": "0", "loss.relation_impl": "torch"},
+    "no_drop": {**_FAST, "masking.drop_ratio": "0"},
+    "fp32_teachers": {**_FAST, "run.teacher_dtype": "float32"},
+    "eager_loss": {**_FAST, "loss.relation_impl": "torch"},
+    "compiled": {**_FAST, "run.compile": "default"},
+    "grad_ckpt": {**_FAST, "student.grad_checkpointing": "true"},
 }
 PARTS = ("teacher_mim", "teacher_feature", "student_fwd", "loss_fwd", "backward", "optimizer")
-FLOP_MODEL = ("matmuls only; ViT block 2n(3DI+ID+2DH)+4n^2 I (=24nD^2+4n^2 D); patch embed 2P*3p^2*D; "
-              "MIM teacher blocks 0..max(mask layers, L-2) on its full sequence; feature teacher all blocks; "
-              "student embed on all patches, blocks+head on N' tokens; backward 2x forward (embed 1x); "
-              "relation 8N'^2 d per (image, head, layer pair)")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# FLOPs
-
-
-@dataclass
-class ViTShape:
-    """What the FLOP count needs of a ViT: widths, depth, patch embedding and token counts."""
-
-    dim: int  # D, residual width
-    inner: int  # I, attention width (heads x head dim)
-    hidden: int  # H, MLP hidden width
-    depth: int
-    patch_in: int  # 3 p^2
-    num_patches: int
-    num_prefix: int
-    mha: bool = False  # nn.MultiheadAttention (open_clip): the q/k capture hook recomputes q, k
-
-
-def vit_shape(model: nn.Module) -> ViTShape:
-    """Read the shape of a timm ``VisionTransformer`` or an open_clip ``VisionTransformer`` (``.visual``)."""
-    if hasattr(model, "transformer"):  # open_clip
-        blocks, conv, prefix = model.transformer.resblocks, model.conv1, 1
-        hidden = blocks[0].mlp.c_fc.out_features
-    else:
-        blocks, conv, prefix = model.blocks, model.patch_embed.proj, model.num_prefix_tokens
-        hidden = blocks[0].mlp.fc1.out_features
-    heads, head_dim = head_dims(attention_of(blocks[0]))
-    grid = model.grid_size if hasattr(model, "transformer") else model.patch_embed.grid_size
-    return ViTShape(dim=conv.out_channels, inner=heads * head_dim, hidden=hidden, depth=len(blocks),
-                    patch_in=math.prod(conv.weight.shape[1:]), num_patches=math.prod(grid), num_prefix=prefix,
-                    mha=isinstance(attention_of(blocks[0]), nn.MultiheadAttention))
-
-
-def block_flops(s: ViTShape, n: int) -> float:
-    """One transformer block on ``n`` tokens, forward."""
-    return 2 * n * (3 * s.dim * s.inner + s.inner * s.dim + 2 * s.dim * s.hidden) + 4 * n * n * s.inner
-
-
-def embed_flops(s: ViTShape) -> float:
-    """Patch embedding of every patch, forward."""
-    return 2 * s.num_patches * s.patch_in * s.dim
-
-
-def mim_teacher_flops(teacher: Teacher, drop_ratio: float, mask_layers: list[int], prunes: bool) -> float:
-    """MIM teacher forward per image: blocks ``0..max(mask_layers, L-2)``, shorter sequences when it prunes."""
-    s = vit_shape(teacher.backbone.model)
-    relation_blocks = (s.depth - 3, s.depth - 2)
-    n, total = s.num_prefix + s.num_patches, embed_flops(s)
-    for i in range(max([*relation_blocks, *mask_layers]) + 1):
-        total += block_flops(s, n)
-        if s.mha and i in relation_blocks:
-            total += 2 * n * s.dim * 2 * s.inner  # the capture hook's own q, k projection
-        if prunes and i in mask_layers:
-            n = s.num_prefix + keep_schedule(n - s.num_prefix, drop_ratio, 1)[0]
-    return total
-
-
-def feature_teacher_flops(teacher: Teacher, feature: str) -> float:
-    """Feature teacher forward per image: every block on its full sequence (+ the projection for ``proj``)."""
-    s = vit_shape(teacher.backbone.model)
-    n = s.num_prefix + s.num_patches
-    proj = 2 * n * s.dim * teacher.feature_dim("proj") if feature == "proj" else 0
-    return embed_flops(s) + s.depth * block_flops(s, n) + proj
-
-
-def n_kept(task: HybridDistillTask, drop_ratio: float) -> int:
-    """N': CLS + the patch tokens left after the last masking stage."""
-    patches = math.prod(task.trainable.grid_size)
-    return 1 + keep_schedule(patches, drop_ratio, len(task.mask_layers))[-1]
-
-
-def step_flops(task: HybridDistillTask, drop_ratio: float) -> dict[str, float]:
-    """FLOPs per image of every part of a step (see the module docstring)."""
-    cfg = task.cfg
-    s = vit_shape(task.trainable.student)
-    nk = n_kept(task, drop_ratio)
-    head = 2 * nk * task.trainable.head.in_features * task.trainable.head.out_features
-    trunk = s.depth * block_flops(s, nk) + head
-    heads, head_dim = head_dims(attention_of(task.trainable.student.blocks[0]))
-    return {
-        "teacher_mim": mim_teacher_flops(task.mim_teacher, drop_ratio, task.mask_layers, cfg.masking.teacher_prunes),
-        "teacher_feature": feature_teacher_flops(task.feature_teacher, cfg.feature_teacher.feature),
-        "student_fwd": embed_flops(s) + trunk,
-        "student_bwd": embed_flops(s) + 2 * trunk,
-        "relation_loss": 2 * 8 * nk * nk * head_dim * heads,
-    }
+FLOP_MODEL = "hybrid_distill.model.flops (matmuls only, 2 FLOP per multiply-add; model FLOPs, no recomputation)"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -223,12 +132,17 @@ def time_ms(fn: Callable[[], object], cuda: bool, reps: int, warmup: int = 1) ->
 
 
 def matmul_peak(cuda: bool) -> dict[str, Any]:
-    """The matmul rate of this device measured now: bf16 8192³ on CUDA, fp32 1024³ on CPU."""
+    """The matmul rate of this device measured now: bf16 8192³ on CUDA (median of 20), fp32 1024³ on CPU (the
+    fastest of 10: on a shared CPU the median mostly measures the other jobs)."""
     n, dtype = (8192, torch.bfloat16) if cuda else (1024, torch.float32)
     device = "cuda" if cuda else "cpu"
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    ms = time_ms(lambda: a @ b, cuda, reps=20 if cuda else 5, warmup=3 if cuda else 1)
-    return {"what": f"{str(dtype)[6:]} matmul {n}^3 on {device}, median", "tflops": 2 * n**3 / (ms * 1e-3) / 1e12}
+    if cuda:
+        ms, how = time_ms(lambda: a @ b, cuda, reps=20, warmup=3), "median"
+    else:
+        a @ b
+        ms, how = min(time_ms(lambda: a @ b, cuda, reps=1, warmup=0) for _ in range(10)), "fastest of 10"
+    return {"what": f"{str(dtype)[6:]} matmul {n}^3 on {device}, {how}", "tflops": 2 * n**3 / (ms * 1e-3) / 1e12}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -265,12 +179,14 @@ def build_task(cfg: Config, device: torch.device) -> HybridDistillTask:
 
 
 def apply_variant(task: HybridDistillTask, spec: dict[str, str], device: torch.device) -> torch.dtype:
-    """Set the variant's knobs on ``task.cfg`` (read at call time) and cast the teachers; return their dtype."""
+    """Set the variant's knobs on ``task.cfg`` (read at call time), cast the teachers, switch the student's
+    activation checkpointing; return the teachers' dtype. ``run.compile`` is applied by ``compiled``."""
     for key, value in spec.items():
         set_key(task.cfg, key, value)
     validate(task.cfg)
     dtype = getattr(torch, task.cfg.run.teacher_dtype) if device.type == "cuda" else torch.float32
     task.place_teachers(device, dtype)
+    task.trainable.student.set_grad_checkpointing(task.cfg.student.grad_checkpointing)
     return dtype
 
 
@@ -305,7 +221,8 @@ def student_autocast(device: torch.device) -> contextlib.AbstractContextManager:
 
 class AutocastStudent(nn.Module):
     """Runs ``task.trainable`` under bf16 autocast and nothing else: the loss stays outside autocast, as in the
-    trainer, where the DeepSpeed engine returns bf16 outputs and the loss upcasts them itself."""
+    trainer, where the DeepSpeed engine returns bf16 outputs and the loss upcasts them itself. The ``compiled``
+    variant compiles this module (the trainer: ``engine.compile``, i.e. the engine's module compiled in place)."""
 
     def __init__(self, trainable: nn.Module, device: torch.device):
         super().__init__()
@@ -317,12 +234,28 @@ class AutocastStudent(nn.Module):
             return self.trainable(images, keep_idx)
 
 
+class MarkedStudent(nn.Module):
+    """The student ``task.losses`` gets: the (possibly compiled) ``AutocastStudent``, then a ``student_fwd`` mark
+    in the current step's ``marks`` (outside any compiled region)."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+        self.marks: Marks | None = None
+
+    def forward(self, images: torch.Tensor, keep_idx: torch.Tensor):
+        out = self.inner(images, keep_idx)
+        self.marks.mark("student_fwd")
+        return out
+
+
 def train_step(task: HybridDistillTask, images: torch.Tensor, opt: torch.optim.Optimizer, marks: Marks,
-               device: torch.device) -> torch.Tensor:
-    """One optimizer step; the student-forward mark comes from a hook on ``task.trainable``. Returns the loss."""
+               student: MarkedStudent) -> torch.Tensor:
+    """One optimizer step, with marks between its parts. Returns the loss."""
+    student.marks = marks
     marks.mark("start")
     targets = targets_marked(task, images, marks)
-    loss = task.losses(images, targets, student=AutocastStudent(task.trainable, device))["loss"]
+    loss = task.losses(images, targets, student=student)["loss"]
     marks.mark("loss_fwd")
     loss.backward()
     marks.mark("backward")
@@ -335,35 +268,50 @@ def train_step(task: HybridDistillTask, images: torch.Tensor, opt: torch.optim.O
 
 
 @contextlib.contextmanager
-def student_hook(task: HybridDistillTask, log: list[Marks]) -> Iterator[None]:
-    """Mark ``student_fwd`` in the current step's marks when the student + head forward returns."""
-    handle = task.trainable.register_forward_hook(lambda *_: log[-1].mark("student_fwd"))
+def variant_student(task: HybridDistillTask, device: torch.device) -> Iterator[MarkedStudent]:
+    """The student of one variant; with ``run.compile`` the run is compiled as the trainer compiles it: the
+    student + head (``AutocastStudent.compile``), the teachers' forwards and the loss (``task.compile_forwards``).
+    Eager again afterwards, so the next variant runs the same task eagerly."""
+    inner = AutocastStudent(task.trainable, device)
+    if task.cfg.run.compile == "none":
+        yield MarkedStudent(inner)
+        return
+    options = compile_options(task.cfg.run)
+    torch._dynamo.reset()
+    inner.compile(**options)
+    task.compile_forwards(**options)
     try:
-        yield
+        yield MarkedStudent(inner)
     finally:
-        handle.remove()
+        for owner, name in COMPILED_FORWARDS:  # drop the compiled instance attributes: the methods again
+            vars(task if owner is None else getattr(task, owner)).pop(name, None)
 
 
-def run_steps(task: HybridDistillTask, images: torch.Tensor, steps: int, warmup: int,
-              device: torch.device) -> tuple[list[Marks], float, list[float]]:
-    """Warm-up then timed steps; returns the timed steps' marks, their wall span (ms) and the losses."""
+def run_steps(task: HybridDistillTask, images: torch.Tensor, steps: int, warmup: int, device: torch.device,
+              student: MarkedStudent) -> tuple[list[Marks], float, list[float], float]:
+    """Warm-up then timed steps; returns the timed steps' marks, their wall span (ms), the losses and the
+    seconds of the first step (compilation included)."""
     cuda = device.type == "cuda"
     opt = make_optimizer(task)
     log: list[Marks] = []
     losses_seen: list[torch.Tensor] = []
-    with student_hook(task, log):
-        for i in range(warmup + steps):
-            if i == warmup:
-                sync(cuda)
-                if cuda:
-                    torch.cuda.reset_peak_memory_stats()
-                log.clear()
-            log.append(Marks(cuda))
-            losses_seen.append(train_step(task, images, opt, log[-1], device))
+    first_s = 0.0
+    for i in range(warmup + steps):
+        if i == warmup:
+            sync(cuda)
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            log.clear()
+        log.append(Marks(cuda))
+        t0 = time.perf_counter()
+        losses_seen.append(train_step(task, images, opt, log[-1], student))
+        if i == 0:
+            sync(cuda)
+            first_s = time.perf_counter() - t0
     sync(cuda)
     span = log[0].elapsed_ms(log[0].points[0][1], log[-1].points[-1][1])
     del opt
-    return log, span, [float(v) for v in losses_seen]
+    return log, span, [float(v) for v in losses_seen], first_s
 
 
 def loss_only_ms(task: HybridDistillTask, images: torch.Tensor, device: torch.device, reps: int) -> float:
@@ -388,7 +336,7 @@ def loss_only_ms(task: HybridDistillTask, images: torch.Tensor, device: torch.de
 
 
 def resolved_relation_impl(task: HybridDistillTask, device: torch.device, teacher_dtype: torch.dtype) -> str:
-    """Which relation-loss implementation the variant runs (``auto`` resolved; ``$HD_RELATION_IMPL`` applied)."""
+    """Which relation-loss implementation the variant runs (``loss.relation_impl``, ``auto`` resolved)."""
     student = torch.bfloat16 if device.type == "cuda" else torch.float32
     try:
         return kernels.resolve_impl(task.cfg.loss.relation_impl, device, (student, student, teacher_dtype,
@@ -422,18 +370,56 @@ def measure_variant(task: HybridDistillTask, name: str, images: torch.Tensor, ar
     """Set the variant up, run warm-up + timed steps, time the loss alone, and summarise."""
     cuda = device.type == "cuda"
     teacher_dtype = apply_variant(task, VARIANTS[name], device)
-    m = task.cfg.masking
-    flops = step_flops(task, m.drop_ratio)
+    shapes = flops.task_shapes(task)
+    per_image = flops.step_flops(shapes)
     row: dict[str, Any] = {"variant": name, "settings": dict(VARIANTS[name]), "teacher_dtype": str(teacher_dtype)[6:],
                            "student_dtype": "bf16 autocast" if cuda else "fp32",
                            "relation_impl": resolved_relation_impl(task, device, teacher_dtype),
-                           "n_kept": n_kept(task, m.drop_ratio), "flops_per_image": flops}
-    log, span, seen = run_steps(task, images, args.steps, args.warmup, device)
-    row.update(summarise(log, span, images.shape[0], flops, peak_tflops))
-    row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if cuda else None  # of the timed steps
-    row["loss_fwd_bwd_ms"] = loss_only_ms(task, images, device, reps=max(3, min(args.steps, 10)))
+                           "n_kept": shapes.n_kept, "flops_per_image": per_image}
+    with variant_student(task, device) as student:
+        log, span, seen, first_s = run_steps(task, images, args.steps, args.warmup, device, student)
+        row.update(summarise(log, span, images.shape[0], per_image, peak_tflops))
+        row["first_step_s"] = first_s  # includes compilation for `compiled`
+        row.update(peak_memory_mib(task, images, device, student))
+        row["loss_fwd_bwd_ms"] = loss_only_ms(task, images, device, reps=max(3, min(args.steps, 10)))
     row["loss_last"] = seen[-1]
     return row
+
+
+def peak_memory_mib(task: HybridDistillTask, images: torch.Tensor, device: torch.device, student: MarkedStudent
+                    ) -> dict[str, Any]:
+    """Peak memory of a step: the allocator's over the timed steps on the GPU. On the CPU torch's ``MemTracker``
+    (live tensors, no allocator) over the student forward, loss, backward and optimizer step of one more step,
+    counting every parameter (teachers too), the optimizer states and the teachers' targets, but not the
+    teachers' own forward (its transient activations are freed before the student runs); and the activations
+    alive at the end of the forward (what the backward keeps)."""
+    if device.type == "cuda":
+        return {"peak_mib": torch.cuda.max_memory_allocated() / 2**20, "peak_method": "torch.cuda.max_memory_allocated",
+                "peak_activation_mib": None}
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    opt = make_optimizer(task)
+    train_step(task, images, opt, Marks(False), student)  # the optimizer states exist before the tracked step
+    targets = task.targets(images)
+    tracker = MemTracker()
+    tracker.track_external(task, opt, *target_tensors(targets))
+    student.marks = Marks(False)
+    with tracker:
+        loss = task.losses(images, targets, student=student)["loss"]
+        forward_end = tracker.get_tracker_snapshot()  # everything the backward will need is alive now
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(task.trainable.parameters(), task.cfg.optim.clip_grad)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    peak = tracker.get_tracker_snapshot("peak")
+    return {"peak_mib": sum(stats["Total"] for stats in peak.values()) / 2**20,
+            "peak_method": "MemTracker, student fwd+bwd+optimizer (CPU)",
+            "peak_activation_mib": sum(stats["Activation"] for stats in forward_end.values()) / 2**20}
+
+
+def target_tensors(targets: Targets) -> list[torch.Tensor]:
+    """Every tensor the teachers hand the loss."""
+    return [targets.features, targets.keep_idx, *targets.mim.qk_index, *(t for qk in targets.mim.qk for t in qk)]
 
 
 def h2d_ms(images: torch.Tensor, device: torch.device) -> float | None:
@@ -466,7 +452,7 @@ def describe(task: HybridDistillTask, cfg: Config) -> dict[str, Any]:
     def model(t: Any) -> str:
         return f"{t.library}:{t.model}"
 
-    s = vit_shape(task.trainable.student)
+    s = flops.shape_of(task.trainable.student)
     return {"student": cfg.student.model, "student_dim": s.dim, "student_depth": s.depth,
             "mim_teacher": model(cfg.mim_teacher), "feature_teacher": model(cfg.feature_teacher),
             "feature_teacher_img": task.feature_teacher.img_size, "img_size": cfg.student.img_size,
@@ -522,22 +508,28 @@ def fmt(x: Any, spec: str = ".1f") -> str:
 def table(runs: list[dict[str, Any]]) -> str:
     """Markdown table of every variant of every run."""
     head = ("| preset | B | variant | N' | images/s | step ms | teachers ms (MIM+feat) | student fwd ms | loss fwd ms "
-            "| backward ms | optimizer ms | loss alone fwd+bwd ms | peak GiB | TFLOP/s | MFU |")
+            "| backward ms | optimizer ms | loss alone fwd+bwd ms | peak MiB (activations) | TFLOP/s | MFU "
+            "| first step s |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for run in runs:
         for v in run["variants"]:
             lead = f"| {run['preset']} | {run['batch']} | {v['variant']} "
             if "error" in v:
-                lines.append(lead + f"| {v['error']} " + "| " * 12 + "|")
+                lines.append(lead + f"| {v['error']} " + "| " * 13 + "|")
                 continue
             p = v["parts_ms"]
             lines.append(
                 lead + f"| {v['n_kept']} | {v['images_per_s']:.4g} | {v['step_ms']:.1f} "
                 f"| {v['teachers_ms']:.1f} ({p['teacher_mim']:.1f}+{p['teacher_feature']:.1f}) "
                 f"| {p['student_fwd']:.1f} | {p['loss_fwd']:.1f} | {p['backward']:.1f} | {p['optimizer']:.1f} "
-                f"| {v['loss_fwd_bwd_ms']:.2f} | {fmt(v['peak_gib'])} | {v['tflops']:.3g} "
-                f"| {fmt(v['mfu'] and 100 * v['mfu'])}% |")
+                f"| {v['loss_fwd_bwd_ms']:.2f} | {fmt(v['peak_mib'], '.4g')}{peak_activations(v)} | {v['tflops']:.3g} "
+                f"| {fmt(v['mfu'] and 100 * v['mfu'])}% | {fmt(v.get('first_step_s'), '.1f')} |")
     return "\n".join(lines)
+
+
+def peak_activations(v: dict[str, Any]) -> str:
+    act = v.get("peak_activation_mib")
+    return "" if act is None else f" ({act:.3g})"
 
 
 def summary(report: dict[str, Any]) -> str:
@@ -552,21 +544,17 @@ def summary(report: dict[str, Any]) -> str:
 
 
 def flops_table(args: argparse.Namespace) -> str:
-    """Analytic GFLOP per image of every preset and variant (models built on the meta device where possible)."""
+    """Analytic GFLOP per image of every preset and variant, from the config alone (no model is built)."""
     lines = ["| preset | variant | N' | MIM teacher | feature teacher | student fwd | student bwd | relation loss "
              "| total GFLOP/image |", "|---|---|---|---|---|---|---|---|---|"]
     for preset, batch in preset_batches(args):
-        cfg = bench_config(preset, batch, args.override, args.keep_open_clip)
-        try:
-            with torch.device("meta"):
-                task = HybridDistillTask(cfg)
-        except Exception:  # noqa: BLE001 - open_clip cannot build on meta: build on the CPU
-            task = HybridDistillTask(cfg)
         for name in args.variants:
-            drop = float(VARIANTS[name]["masking.drop_ratio"])
-            f = step_flops(task, drop)
-            cells = " | ".join(f"{v / 1e9:.2f}" for v in f.values())
-            lines.append(f"| {preset} | {name} | {n_kept(task, drop)} | {cells} | {sum(f.values()) / 1e9:.1f} |")
+            cfg = bench_config(preset, batch, [*args.override, *(f"{k}={v}" for k, v in VARIANTS[name].items())],
+                               keep_open_clip=True)
+            shapes = flops.config_shapes(cfg)
+            f = flops.step_flops(shapes)
+            cells = " | ".join(f"{f[p] / 1e9:.2f}" for p in flops.PARTS)
+            lines.append(f"| {preset} | {name} | {shapes.n_kept} | {cells} | {sum(f.values()) / 1e9:.1f} |")
     return "\n".join(lines)
 
 
@@ -610,7 +598,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch", default=None, help="per-device batch, one or one per preset (default: the preset's)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per variant (default 20; cpu-small 3)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5; cpu-small 1)")
-    p.add_argument("--variants", default="fast,naive,no_drop,fp32_teachers,eager_loss",
+    p.add_argument("--variants", default=",".join(VARIANTS),
                    help=f"comma-separated, from {', '.join(VARIANTS)}")
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                    help="extra config override for every variant, e.g. masking.teacher_prunes=true")
@@ -663,15 +651,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu_small else "cpu")
-    env_impl = os.environ.get(kernels.IMPL_ENV_VAR)
-    if env_impl:
-        print(f"warning: ${kernels.IMPL_ENV_VAR}={env_impl} overrides every variant's loss.relation_impl", flush=True)
+    cuda = device.type == "cuda"
     peak = matmul_peak(device.type == "cuda")
     report: dict[str, Any] = {
         "command": " ".join(["python benchmarks/train_throughput.py", *argv]),
         "date": datetime.date.today().isoformat(),
         "device": device_name(device), **versions(), "allow_tf32": torch.backends.cuda.matmul.allow_tf32,
-        "relation_impl_env": env_impl, "peak": peak, "steps": args.steps, "warmup": args.warmup,
+        "peak": peak, "steps": args.steps, "warmup": args.warmup,
+        "datasheet_peak_tflops": flops.peak_tflops(torch.cuda.get_device_name(device) if cuda else None),
         "flop_model": FLOP_MODEL, "loadavg_1min": os.getloadavg()[0], "complete": False, "runs": []}
     print(f"{report['device']}: {peak['what']}: {peak['tflops']:.3g} TFLOP/s", flush=True)
     out = Path(args.out) if args.out else None

@@ -30,9 +30,10 @@ import torch
 from hybrid_distill.config import Config, save_config, to_dict
 from hybrid_distill.data import build_loader
 from hybrid_distill.data.loader import ImageLoader
-from hybrid_distill.errors import CheckpointError, HybridDistillError
+from hybrid_distill.errors import CheckpointError, ConfigError, HybridDistillError
 from hybrid_distill.eval.monitor import OnlineEval
-from hybrid_distill.model.task import HybridDistillTask
+from hybrid_distill.model import flops
+from hybrid_distill.model.task import HybridDistillTask, compile_options
 from hybrid_distill.model.teachers import RANDOM_TEACHER_WARN_PARAMS, describe
 from hybrid_distill.runtime import checkpoint, cluster, distributed, engine, metrics
 from hybrid_distill.runtime.resume import check_resume
@@ -67,6 +68,8 @@ class Run:
     epoch: int = 0
     nonfinite: int = 0
     saved_step: int | None = None  # step of the checkpoint last saved or resumed (the weights on disk)
+    flops_per_image: float = 0.0  # model FLOPs of one image's step (hybrid_distill.model.flops)
+    peak_tflops: float | None = None  # this device's dense bf16 peak (None: unknown, no MFU logged)
 
 
 def pick_device(env: cluster.DistEnv) -> torch.device:
@@ -92,6 +95,7 @@ def build_run(cfg: Config, args: argparse.Namespace, env: cluster.DistEnv, devic
     # Cheap checks first: a bad DeepSpeed JSON or checkpoint fails before teachers and data are loaded.
     ds_config = engine.resolve_ds_config(args.ds_config, cfg, env.world_size, device.type)
     resume = checkpoint.resolve_resume(args.resume, run_dir)
+    check_compile_backend(cfg)
     if resume is not None:
         check_resume(cfg, ds_config, resume, on_purpose=args.resume != "auto")
     if env.is_main:  # only now: a refused resume leaves the run's config.yaml as it was
@@ -108,13 +112,46 @@ def build_run(cfg: Config, args: argparse.Namespace, env: cluster.DistEnv, devic
     loader = build_loader(cfg.data, img_size=cfg.student.img_size, rank=env.rank, world_size=env.world_size,
                           seed=cfg.run.seed, cache_dir=run_dir / "cache")
     eng = engine.build_engine(task.trainable, cfg, ds_config)
+    compile_run(task, eng, cfg)
     accum = ds_config["gradient_accumulation_steps"]
     steps_per_epoch = max(1, len(loader) // accum)
     total = cfg.run.max_steps or math.ceil(cfg.run.epochs * steps_per_epoch)
     warmup = round(cfg.optim.warmup_epochs * steps_per_epoch)
     run = Run(cfg, env, device, run_dir, task, loader, eng, accum, total, steps_per_epoch, warmup,
-              engine.peak_lr(cfg))
+              engine.peak_lr(cfg), flops_per_image=sum(flops.step_flops(flops.task_shapes(task)).values()),
+              peak_tflops=flops.peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None)
     return run, resume, universal
+
+
+def check_compile_backend(cfg: Config) -> None:
+    """``run.compile_backend`` must be a registered ``torch.compile`` backend (checked before teachers load)."""
+    if cfg.run.compile == "none":
+        return
+    import torch._dynamo
+
+    backends = torch._dynamo.list_backends(exclude_tags=())
+    if cfg.run.compile_backend not in backends:
+        raise ConfigError(f"run.compile_backend={cfg.run.compile_backend!r} is not a torch.compile backend; choose "
+                          f"one of {', '.join(sorted(backends))} (or run.compile=none)")
+
+
+def compile_run(task: HybridDistillTask, eng: object, cfg: Config) -> None:
+    """``run.compile``: the student + head inside the engine (``engine.compile``: DeepSpeed compiles its module in
+    place and keeps its ZeRO hooks out of the graph), the teachers' forwards and the loss (``task.compile_forwards``).
+    Shapes are static: N' is fixed for the run."""
+    if cfg.run.compile == "none":
+        return
+    options = compile_options(cfg.run)
+    if eng.zero_optimization_partition_weights():
+        # ZeRO-3 gathers a parameter when its module runs, or eagerly when it is read; the student's CLS token and
+        # position embedding are read by its forward, inside the graph: gather them with the module's forward.
+        from deepspeed.runtime.zero import register_external_parameter
+
+        for param in task.trainable.student.parameters(recurse=False):
+            register_external_parameter(task.trainable, param)
+    eng.compile(backend=options["backend"], compile_kwargs={k: v for k, v in options.items() if k != "backend"})
+    task.compile_forwards(**options)
+    log.info("torch.compile: %s", options)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -203,6 +240,8 @@ def train_step(run: Run, data: Iterator[dict], timed: bool) -> StepResult:
     times = dict.fromkeys(("time_data", "time_teachers", "time_student", "time_optimizer"), 0.0)
     total, keys, done = None, (), 0
     while done < run.accum:
+        if run.cfg.run.compile == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()  # the previous micro-batch's CUDA-graph outputs are done with
         t0 = sync(dev) if timed else 0.0
         images = next(data)["images"].to(dev, non_blocking=True)
         t1 = sync(dev) if timed else 0.0
@@ -248,6 +287,9 @@ def step_metrics(run: Run, result: StepResult, dt: float, images: int) -> dict[s
         images_per_s_per_device=images / dt / run.env.world_size,
         world_size=run.env.world_size,
     )
+    values["tflops_per_device"] = values["images_per_s_per_device"] * run.flops_per_image / 1e12
+    if run.peak_tflops:
+        values["mfu"] = values["tflops_per_device"] / run.peak_tflops
     return values
 
 

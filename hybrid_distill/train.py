@@ -54,6 +54,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--resume", default="auto", help="auto (newest complete checkpoint), none, or a checkpoint path")
     p.add_argument("--print-config", action="store_true",
                    help="print the resolved config (preset, --config file, overrides) as YAML and exit")
+    p.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
+                   help="print the plan (keep schedule, FLOPs per image, accumulation, lr, GPU memory per device for "
+                        "WORLD_SIZE or 1 processes) and exit; builds nothing")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.base_lr=3e-4 run.max_steps=100")
     return p.parse_intermixed_args(argv)  # options and key=value overrides in any order
 
@@ -66,6 +69,17 @@ def resolve_config(args: argparse.Namespace) -> Config:
     return cfg
 
 
+def dry_run(cfg: Config, args: argparse.Namespace) -> int:
+    """``--dry-run``: print the plan (``runtime.plan``; torch is not imported), then check the named files."""
+    from hybrid_distill.config.files import check_ds_config_file
+    from hybrid_distill.runtime import plan
+
+    check_ds_config_file(args.ds_config)
+    print(plan.describe(cfg, args.ds_config, plan.world_size_for_plan()), flush=True)
+    check_inputs(cfg, args.ds_config, args.resume)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse, check, then train (``loop.run_job``). Returns the process exit code."""
     args = parse_args(argv)
@@ -74,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:  # before the file checks: inspect a config for a machine that has the data
             print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
             return 0
+        if args.dry_run:
+            return dry_run(cfg, args)
         check_inputs(cfg, args.ds_config, args.resume)
     except HybridDistillError as e:
         print(f"error: {e}", file=sys.stderr)

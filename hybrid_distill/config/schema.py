@@ -22,6 +22,7 @@ class StudentConfig:
     depth: int | None = None
     num_heads: int | None = None
     drop_path_rate: float = 0.0
+    grad_checkpointing: bool = False  # recompute each block in the backward (timm checkpoint_seq): less memory
     # Input normalisation the student is trained with (recorded in the export's pretrained_cfg). ImageNet's, as
     # MAE/dBOT and their fine-tuning recipes use (timm.data.IMAGENET_DEFAULT_MEAN/STD, written out because the config
     # imports no timm; a test keeps them equal); timm's own tag for a model name may differ (augreg: 0.5/0.5).
@@ -129,6 +130,10 @@ class RunConfig:
     wandb: bool = False
     wandb_project: str = "hybrid-distill"
     export_at_end: bool = True
+    # torch.compile of the student + head, the teachers' forwards and the loss (shapes are static: N' is fixed):
+    # none | default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs (torch.compile modes)
+    compile: str = "none"
+    compile_backend: str = "inductor"  # any torch._dynamo backend; aot_eager checks graph capture without codegen
 
 
 @dataclass
@@ -189,6 +194,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "loss.relation_impl": ("auto", "torch", "triton"),
     "loss.relation_scale": ("sqrt_d", "none"),
     "run.teacher_dtype": ("bfloat16", "float16", "float32"),
+    "run.compile": ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
 }
 
 

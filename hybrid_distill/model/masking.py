@@ -8,25 +8,12 @@ batches stay rectangular: for 196 patches, K=0.3 keeps 137 -> 96 -> 67.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
-
-def keep_count(num_tokens: int, drop_ratio: float) -> int:
-    """Tokens kept out of ``num_tokens`` when dropping ``drop_ratio`` of them: ``floor((1 - K) n + 0.5)``, >= 1."""
-    return max(1, math.floor(round((1.0 - drop_ratio) * num_tokens, 6) + 0.5))  # round: 0.7 * 45 = 31.4999...
-
-
-def keep_schedule(num_patches: int, drop_ratio: float, num_stages: int) -> list[int]:
-    """Patch tokens kept after each masking stage, e.g. ``keep_schedule(196, 0.3, 3) == [137, 96, 67]``."""
-    counts, n = [], num_patches
-    for _ in range(num_stages):
-        n = keep_count(n, drop_ratio)
-        counts.append(n)
-    return counts
+from hybrid_distill.model.flops import keep_count, keep_schedule  # noqa: F401 - token counts live with the FLOP model
 
 
 def least_redundant(tokens: torch.Tensor, num_keep: int) -> torch.Tensor:

@@ -121,6 +121,10 @@ def qk_from_input(attn: nn.Module, x: torch.Tensor, rope: torch.Tensor | None = 
 def capture_qk(blocks: Sequence[nn.Module], indices: Sequence[int]) -> Iterator[dict[int, QK]]:
     """Within the context, every forward through ``blocks[i]`` (i in ``indices``) stores ``(q, k)`` in the dict.
 
+    Blocks with a persistent tap (``install_qk_taps``) get no hook: their ``(q, k)`` is taken from the tap when
+    the context exits (unless the caller stored one for that index itself), so the context also works inside
+    ``torch.compile``, which does not see hooks added after it traced a module.
+
     Example::
 
         with capture_qk(model.blocks, [9, 10]) as qk:
@@ -128,12 +132,87 @@ def capture_qk(blocks: Sequence[nn.Module], indices: Sequence[int]) -> Iterator[
         q9, k9 = qk[9]  # (B, H, N, d)
     """
     store: dict[int, QK] = {}
-    handles = [_register(attention_of(blocks[i]), i, store) for i in indices]
+    tapped = [i for i in indices if _tap_module(attention_of(blocks[i])) is not None]
+    handles = [_register(attention_of(blocks[i]), i, store) for i in indices if i not in tapped]
     try:
         yield store
     finally:
         for handle in handles:
             handle.remove()
+        for i in tapped:
+            qk = take_qk(blocks[i])
+            if qk is not None and i not in store:
+                store[i] = qk
+
+
+# Persistent taps: hooks installed once, before any torch.compile. Each leaves its output on the module it hooks
+# (attribute TAP_ATTR; on the hooked module itself, so a deep copy of the model taps into its own copy).
+TAP_ATTR = "_hd_qk"
+
+
+def install_qk_taps(blocks: Sequence[nn.Module], indices: Sequence[int]) -> None:
+    """Tap ``(q, k)`` of ``blocks[i]`` on every forward from now on; read it with ``take_qk``.
+
+    The compile-friendly counterpart of ``capture_qk``: dynamo does not guard on module hooks, so hooks added or
+    removed around a compiled call are not seen; hooks present when the model is traced are traced with it.
+    Installing twice is a no-op. Until taken, the last ``(q, k)`` (for timm ``Attention``, the whole ``qkv``
+    output) stays referenced by the module.
+    """
+    for i in indices:
+        attn = attention_of(blocks[i])
+        head_dims(attn)  # fail early on an unsupported module
+        if _tap_module(attn) is not None:
+            continue
+        target = attn if isinstance(attn, (nn.MultiheadAttention, *ROPE_ATTENTIONS)) else attn.qkv
+        setattr(target, TAP_ATTR, None)
+        if target is attn:
+            attn.register_forward_pre_hook(_tap_pre_hook, with_kwargs=True)
+        else:
+            attn.qkv.register_forward_hook(_tap_qkv_hook)
+
+
+def take_qk(block: nn.Module) -> QK | None:
+    """The ``(q, k)`` ``(B, H, N, d)`` of ``block``'s last forward since the previous take (None if none)."""
+    attn = attention_of(block)
+    target = _tap_module(attn)
+    if target is None:
+        raise ValueError(f"{type(block).__name__} has no q/k tap; call install_qk_taps first")
+    value = getattr(target, TAP_ATTR)
+    setattr(target, TAP_ATTR, None)
+    if value is None or target is attn:
+        return value
+    return _split_timm_qkv(attn, value)
+
+
+def _tap_module(attn: nn.Module) -> nn.Module | None:
+    """The module holding ``attn``'s tap (the attention itself, or its fused ``qkv`` linear), if tapped."""
+    for target in (attn, getattr(attn, "qkv", None)):
+        if target is not None and hasattr(target, TAP_ATTR):
+            return target
+    return None
+
+
+def _recomputing() -> bool:
+    """True inside a backward pass (eager): a checkpointed block being recomputed must not refill its tap (the
+    tensor would keep that block's recomputed graph alive until the next forward). Compiled code never replays the
+    tap in the backward (``skip_fwd_side_effects_in_bwd_under_checkpoint``)."""
+    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
+
+
+def _tap_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    if _recomputing():
+        return
+    if isinstance(module, nn.MultiheadAttention):
+        setattr(module, TAP_ATTR, _mha_qk(module, args[0] if args else kwargs["query"]))
+        return
+    x = args[0] if args else kwargs["x"]
+    setattr(module, TAP_ATTR, _rope_attention_qk(module, x, args[1] if len(args) > 1 else kwargs.get("rope")))
+
+
+def _tap_qkv_hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+    if _recomputing():
+        return
+    setattr(module, TAP_ATTR, output)  # (B, N, 3 A); split into q, k by take_qk
 
 
 def _register(attn: nn.Module, index: int, store: dict[int, QK]) -> torch.utils.hooks.RemovableHandle:

@@ -3,7 +3,11 @@
 The student is randomly initialised and exported as an ordinary timm state dict, so it only ever uses
 timm's own modules. The kept-token forward patch-embeds *all* patches (position embeddings need the full
 grid), gathers CLS + kept tokens, and runs every block with fused attention on the short sequence, tapping
-q, k at the relation blocks.
+q, k at the relation blocks (persistent taps, so the forward also runs under ``torch.compile``). With
+``student.grad_checkpointing`` (timm's ``set_grad_checkpointing`` flag) each block runs under non-reentrant
+activation checkpointing, as timm's ``checkpoint_seq`` does: only block inputs are kept, each block is
+recomputed in the backward. Non-reentrant explicitly (older timm releases default to re-entrant, which would cut
+the gradient of the q, k tapped inside a block).
 """
 
 from __future__ import annotations
@@ -12,11 +16,12 @@ import timm
 import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from hybrid_distill.config import StudentConfig
 from hybrid_distill.errors import ConfigError
 from hybrid_distill.model.masking import gather_tokens
-from hybrid_distill.model.qk_capture import QK, capture_qk, head_dims
+from hybrid_distill.model.qk_capture import QK, head_dims, install_qk_taps, take_qk
 
 
 def student_kwargs(cfg: StudentConfig) -> dict:
@@ -42,6 +47,7 @@ def build_student(cfg: StudentConfig) -> VisionTransformer:
     if model.cls_token is None or model.num_prefix_tokens != 1:
         raise ConfigError(f"student.model={cfg.model!r} must have exactly one prefix token (CLS, no registers)")
     model.pretrained_cfg = {**model.pretrained_cfg, "mean": tuple(cfg.mean), "std": tuple(cfg.std)}
+    model.set_grad_checkpointing(cfg.grad_checkpointing)
     return model
 
 
@@ -61,6 +67,7 @@ class DistillStudent(nn.Module):
         if depth < 3:
             raise ConfigError(f"the student needs >= 3 blocks for relations at blocks L-3, L-2; it has {depth}")
         self.relation_blocks = (depth - 3, depth - 2)
+        install_qk_taps(student.blocks, self.relation_blocks)
 
     @property
     def num_heads(self) -> int:
@@ -85,7 +92,10 @@ class DistillStudent(nn.Module):
         x = images.to(m.patch_embed.proj.weight.dtype)
         x = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(x))))  # (B, 1 + N, D)
         x = gather_tokens(x, keep_idx)  # (B, N', D)
-        with capture_qk(m.blocks, self.relation_blocks) as qk:
+        if m.grad_checkpointing and torch.is_grad_enabled():
+            for block in m.blocks:  # timm's checkpoint_seq, block by block; q, k leave the block: non-reentrant
+                x = checkpoint(block, x, use_reentrant=False)
+        else:
             x = m.blocks(x)
         x = m.norm(x)
-        return self.head(x), [qk[i] for i in self.relation_blocks]
+        return self.head(x), [take_qk(m.blocks[i]) for i in self.relation_blocks]

@@ -7,18 +7,24 @@ tokens, and the loss dict comes back::
     task = HybridDistillTask(cfg)
     out = task(images)                    # images: uint8 (B, 3, S, S)
     out["loss"].backward()                # loss, feature_loss, relation_loss, keep_ratio
+
+``compile_forwards`` puts the teachers' forwards and the loss terms under ``torch.compile`` (``run.compile``); the
+student is compiled where it is wrapped (``engine.compile()`` in the loop, ``trainable.compile()`` without one).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
-from hybrid_distill.config import Config
+from hybrid_distill.config import Config, RunConfig
 from hybrid_distill.errors import ConfigError
 from hybrid_distill.model import losses
+from hybrid_distill.model.flops import default_mask_layers
+from hybrid_distill.model.qk_capture import QK, install_qk_taps
 from hybrid_distill.model.student import DistillStudent, build_student
 from hybrid_distill.model.teachers import MimTargets, build_teacher
 
@@ -35,9 +41,20 @@ class Targets:
         return self.mim.keep_idx
 
 
-def default_mask_layers(depth: int) -> list[int]:
-    """Masking blocks I = [0, L/3, 2L/3] (0-indexed block outputs; PCAE's choice)."""
-    return [0, depth // 3, 2 * depth // 3]
+# (attribute of the task or None for the task itself, method) that ``compile_forwards`` compiles
+COMPILED_FORWARDS = (("mim_teacher", "mim_targets"), ("feature_teacher", "feature_targets"), (None, "loss_terms"))
+
+
+def compile_options(run: RunConfig) -> dict[str, Any]:
+    """``torch.compile`` keyword arguments for ``run.compile`` / ``run.compile_backend``, static shapes.
+
+    N' is fixed for a run, so nothing needs dynamic shapes (``dynamic=False``: a new shape recompiles rather than
+    switching to dynamic kernels). ``mode`` is inductor's; other backends take none.
+    """
+    options: dict[str, Any] = {"backend": run.compile_backend, "dynamic": False}
+    if run.compile_backend == "inductor":
+        options["mode"] = run.compile
+    return options
 
 
 class HybridDistillTask(nn.Module):
@@ -57,6 +74,8 @@ class HybridDistillTask(nn.Module):
         self.trainable = DistillStudent(student, self.feature_teacher.feature_dim(cfg.feature_teacher.feature))
         self.mask_layers = list(cfg.masking.layers or default_mask_layers(self.mim_teacher.depth))
         self._check_compatible()
+        depth = self.mim_teacher.depth
+        install_qk_taps(self.mim_teacher.backbone.blocks, (depth - 3, depth - 2))  # compile-friendly q/k capture
         mean, std = student.pretrained_cfg.get("mean"), student.pretrained_cfg.get("std")
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255, persistent=False)
@@ -103,6 +122,10 @@ class HybridDistillTask(nn.Module):
         student = student if student is not None else self.trainable
         x = (images.float() - self.mean) / self.std
         pred, qk_s = student(x, targets.keep_idx)
+        return self.loss_terms(pred, qk_s, targets)
+
+    def loss_terms(self, pred: torch.Tensor, qk_s: list[QK], targets: Targets) -> dict[str, torch.Tensor]:
+        """The hybrid loss (Eq. 1) of the student's head output ``(B, N', D_t)`` and q, k at its relation blocks."""
         c = self.cfg.loss
         feat = losses.feature_loss(pred, targets.features, targets.keep_idx, c.feature_beta)
         rel = losses.relation_loss(qk_s, targets.mim.qk, targets.mim.qk_index, c.relation_beta, c.head_reduce,
@@ -110,6 +133,24 @@ class HybridDistillTask(nn.Module):
         n_patches = targets.features.shape[1] - 1
         keep_ratio = torch.full((), (targets.keep_idx.shape[1] - 1) / n_patches, device=feat.device)  # no H2D copy
         return {"loss": feat + c.alpha * rel, "feature_loss": feat, "relation_loss": rel, "keep_ratio": keep_ratio}
+
+    def compile_forwards(self, **options: Any) -> None:
+        """``torch.compile`` the teachers' forwards (``mim_targets``, ``feature_targets``) and ``loss_terms``.
+
+        Args:
+            options: ``torch.compile`` keyword arguments, e.g. ``compile_options(cfg.run)``.
+
+        The student is not compiled here: it runs inside the DeepSpeed engine, which compiles it itself
+        (``engine.compile``). Under ``mode="reduce-overhead"`` the teachers (no gradients, static shapes) run as
+        CUDA graphs.
+        """
+        # The student's q/k taps are a side effect; a checkpointed block must not replay it when recomputed (the
+        # knob torchtitan sets for the same reason; absent from older torch, which then graph-breaks there).
+        if hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
+            torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+        for owner, name in COMPILED_FORWARDS:
+            obj = self if owner is None else getattr(self, owner)
+            setattr(obj, name, torch.compile(getattr(obj, name), **options))  # instance attribute over the method
 
     def forward(self, images: torch.Tensor, student: nn.Module | None = None) -> dict[str, torch.Tensor]:
         """Loss dict ``{"loss", "feature_loss", "relation_loss", "keep_ratio"}`` for a uint8 batch."""

@@ -46,6 +46,8 @@ LABELS: dict[str, tuple[str, str]] = {
     "keep_ratio": ("keep", "{:.3f}"),
     "images_per_s": ("img/s", "sig"),
     "images_per_s_per_device": ("img/s/dev", "sig"),
+    "tflops_per_device": ("TFLOP/s/dev", "sig"),
+    "mfu": ("MFU", "{:.1%}"),
     "max_memory_gib": ("mem", "{:.1f}GiB"),
     "skipped_steps": ("skipped", "{:d}"),
 }
@@ -149,7 +151,7 @@ def format_eta(seconds: float) -> str:
 
 
 def _labelled(label: str, text: str) -> str:
-    return f"{text} {label}" if label.startswith("img/s") else f"{label} {text}"
+    return f"{text} {label}" if "/s" in label else f"{label} {text}"
 
 
 def significant(value: float) -> str:

@@ -15,7 +15,7 @@ log = logging.getLogger("hybrid_distill.resume")
 # logging, data location, workers, kernels) may change on resume and is only reported.
 RESUME_FIXED = ("student", "mim_teacher", "feature_teacher", "masking", "loss", "optim.global_batch_size",
                 "data.batch_size", "data.crop_scale", "run.seed")
-RESUME_FREE = ("mim_teacher.weights", "feature_teacher.weights", "loss.relation_impl")
+RESUME_FREE = ("mim_teacher.weights", "feature_teacher.weights", "loss.relation_impl", "student.grad_checkpointing")
 
 
 def recipe_changes(saved: dict, current: dict) -> tuple[list[str], list[str]]:
