@@ -320,7 +320,9 @@ def test_preemption_sigterm_does_not_kill_guarded_data_workers(stop: StopRequest
         return torch.cat([*first, *batches]).tolist()
 
     assert run(cluster.worker_signal_guard) == list(range(64))
-    with pytest.raises(RuntimeError, match="killed by signal|exited unexpectedly"):  # what the guard prevents
+    # What the guard prevents: the rank fails (how depends on what the worker was doing: a RuntimeError naming the
+    # signal, or a ConnectionResetError when it died while handing a batch over).
+    with pytest.raises((RuntimeError, ConnectionError)):
         run(None)
     _kill_from_another_process([os.getpid()], "TERM")
     assert stop.should_stop() is True and stop.reason == "signal SIGTERM"

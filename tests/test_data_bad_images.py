@@ -123,12 +123,19 @@ def test_salted_folder_trains_through_counting_exactly_the_broken(tmp_path, capl
     assert loader.state_dict()["bad_samples"] == broken
 
 
-def test_too_many_bad_samples_abort_with_a_clear_message(tmp_path):
+def test_too_many_bad_samples_are_judged_with_a_clear_message(tmp_path):
+    """The loader counts; the trainer asks ``bad_fraction_problem`` with the counts of all ranks at each step (and
+    saves, then exits 65: tests/test_faults.py)."""
     write_salted_folder(tmp_path / "imgs", copies=1)  # 3 broken of 15
     cfg = DataConfig(source=f"folder:{tmp_path / 'imgs'}", batch_size=3, num_workers=0, max_bad_fraction=0.1)
     loader = build_loader(cfg, img_size=SIZE, cache_dir=tmp_path / "cache")
-    with pytest.raises(RuntimeError, match="data.max_bad_fraction"):
-        list(loader)
+    list(loader)
+    assert (loader.bad_samples, loader.samples_read) == (3, 15)
+    problem = loader.bad_fraction_problem(loader.bad_samples, loader.samples_read)
+    assert f"3 of 15 samples read from data.source='folder:{tmp_path / 'imgs'}'" in problem
+    assert "20.00% > data.max_bad_fraction=0.1" in problem and "--resume auto" in problem
+    assert loader.bad_fraction_problem(1, 15) is None  # within the fraction
+    assert loader.bad_fraction_problem(3, 14) is None  # fewer than min(1000, samples per epoch) read yet
 
 
 def test_streaming_shard_with_corrupt_images_keeps_streaming(tmp_path):
