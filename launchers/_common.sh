@@ -119,8 +119,20 @@ hd_master() {
 hd_request_stop() {
     HD_STOP_REQUESTED=1
     [[ "$1" == TERM ]] && HD_TERMINATED=1
-    hd_log "batch shell received SIG$1: asking every rank to checkpoint and stop (created $HD_STOP_FILE)"
+    hd_log "${HD_SHELL:-batch shell} received SIG$1: asking every rank to checkpoint and stop (created $HD_STOP_FILE)"
     touch "$HD_STOP_FILE"
+}
+
+# Ctrl-C (single_node.sh): the first asks for a checkpoint and stop, a second kills the step's process group.
+hd_interrupt() {
+    if [[ -n "${HD_INTERRUPTED:-}" && -n "${HD_STEP_PID:-}" ]]; then
+        hd_log "second Ctrl-C: killing the ranks WITHOUT a checkpoint"
+        kill -KILL -- "-$HD_STEP_PID" 2>/dev/null || true
+        return
+    fi
+    HD_INTERRUPTED=1
+    hd_request_stop INT
+    hd_log "press Ctrl-C again to kill the ranks without a checkpoint"
 }
 
 # Run a job step ("$@", an srun command) in the background so that the batch shell can handle signals while
@@ -130,6 +142,7 @@ hd_run_step() {
     trap 'hd_request_stop TERM' TERM
     "$@" &
     local pid=$!
+    HD_STEP_PID=$pid
     while kill -0 "$pid" 2>/dev/null; do
         wait "$pid" || true  # returns early (>128) when a trapped signal arrives
     done
