@@ -165,3 +165,29 @@ def test_decompression_bomb_is_skipped(tmp_path, monkeypatch):
     with pytest.raises(Image.DecompressionBombError):
         decode_crop(big, SIZE, sample_rng(0, 0, 0), (0.5, 1.0), False)
     assert torch is not None
+
+
+def test_a_streamed_bad_sample_re_read_after_a_resume_counts_once(tmp_path):
+    """A resume re-reads what was in the shuffle buffer; the bad files among it were counted again (10 of 8)."""
+    shard = tmp_path / "shard-000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for i in range(40):
+            data = b"not an image" if i % 5 == 0 else jpeg_bytes(Image.new("RGB", (20, 20), (i, 0, 0)))
+            for member, payload in ((f"{i:04d}.jpg", data), (f"{i:04d}.cls", str(i).encode())):
+                info = tarfile.TarInfo(member)
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    cfg = DataConfig(source=f"wds:{shard}", streaming=True, num_samples=32, batch_size=4, num_workers=0,
+                     shuffle_buffer=4, max_bad_fraction=0.5)
+    uninterrupted = build_loader(cfg, img_size=SIZE)
+    list(uninterrupted)
+    first = build_loader(cfg, img_size=SIZE)
+    batches = iter(first)
+    for _ in range(3):
+        next(batches)
+    state = first.state_dict()
+    resumed = build_loader(cfg, img_size=SIZE)
+    resumed.load_state_dict(state)
+    list(resumed)
+    assert uninterrupted.bad_samples == 8  # every fifth of the 40 files
+    assert resumed.bad_samples == 8
