@@ -97,15 +97,14 @@ class Job:
                 and "deepspeed.launcher" not in cmd]
 
     def rank_pid(self, rank: int, timeout: float = 120) -> int:
-        """The pid of ``rank`` from its heartbeat file (written once the process group is up)."""
-        path = self.out / "heartbeat" / f"rank_{rank:05d}.json"
+        """The pid of ``rank`` on one node: the trainer process the DeepSpeed launcher gave ``--local_rank=RANK``."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            try:
-                return int(json.loads(path.read_text())["pid"])
-            except (OSError, ValueError, KeyError):
-                time.sleep(0.1)
-        raise AssertionError(f"no heartbeat of rank {rank} in {path}\n{self.log()[-3000:]}")
+            found = [pid for pid in self.ranks() if f"--local_rank={rank} " in _cmdline(pid) + " "]
+            if found:
+                return found[0]
+            time.sleep(0.1)
+        raise AssertionError(f"no process of rank {rank}\n{self.log()[-3000:]}")
 
     def kill_all(self) -> None:
         for pid in [*self.ranks(), self.proc.pid]:
@@ -123,6 +122,13 @@ def processes() -> list[tuple[int, str]]:
                 continue
             out.append((int(entry.name), cmd))
     return out
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
 
 
 def alive(pid: int) -> bool:

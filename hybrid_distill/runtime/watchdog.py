@@ -7,7 +7,8 @@ daemon thread that writes ``<run_dir>/heartbeat/rank_NNNNN.json`` (host, pid, st
 ``interval`` seconds; rank 0 watches every rank's file and the other ranks watch rank 0's. When a watched file is
 older than ``HD_DIST_TIMEOUT_S`` (measured with the file system's own clock: the age relative to the watcher's own
 file, just written), the watcher logs one line naming the rank, its host, pid and last step, kills it with
-SIGKILL when it runs on the same host (so its launcher has nothing to wait for), and ends its own process with
+SIGKILL (a moment later, from a detached helper) when it runs on the same host, so its launcher has nothing to
+wait for, and ends its own process with
 ``EXIT_PEER_LOST``. A collective that fails first (its timeout, or a peer's connection closing) is reported the
 same way by ``Watchdog.blame``.
 
@@ -25,8 +26,9 @@ import contextlib
 import json
 import logging
 import os
-import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -38,7 +40,19 @@ from hybrid_distill.runtime.cluster import EXIT_PEER_LOST, process_start_time
 log = logging.getLogger("hybrid_distill.watchdog")
 
 HEARTBEAT_DIR = "heartbeat"
-BEFORE_EXIT: list[Callable[[], None]] = []  # run before the watchdog ends the process (the run lock's release)
+BEFORE_EXIT: list[Callable[[], None]] = []
+KILL_DELAY_S = 2.0  # DeepSpeed's per-node launcher polls its ranks every second
+# The detached helper that kills a stopped rank (argv: pid, its start time, delay), checking it is the same process.
+_KILL_LATER = """
+import os, signal, sys, time
+pid, start, delay = int(sys.argv[1]), sys.argv[2], float(sys.argv[3])
+time.sleep(delay)
+try:
+    if open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[19] == start:
+        os.kill(pid, signal.SIGKILL)
+except (OSError, IndexError):
+    pass
+"""  # run before the watchdog ends the process (the run lock's release)
 
 
 def heartbeat_interval(timeout_s: float) -> float:
@@ -157,11 +171,16 @@ class Watchdog:
                 f"{EXIT_PEER_LOST}); check that node, then resume with --resume auto")
 
     def _kill_if_local(self, beat: dict[str, Any]) -> None:
-        """SIGKILL a lost rank on this host (a stopped process keeps its launcher waiting, and its GPU memory)."""
+        """SIGKILL a lost rank on this host a moment after this process has exited (a stopped process keeps its
+        launcher waiting 30 s, and its GPU memory). The delay lets the launcher see this rank's exit code first."""
         if beat.get("host") == self.host and _same_process_alive(beat, self.host):
+            pid, start = int(beat["pid"]), beat.get("start")
             with contextlib.suppress(OSError):
-                os.kill(int(beat["pid"]), signal.SIGKILL)
-                log.error("killed the stopped rank %s (pid %s) on this host", beat.get("rank"), beat.get("pid"))
+                subprocess.Popen([sys.executable, "-c", _KILL_LATER, str(pid), str(start), str(KILL_DELAY_S)],
+                                 start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL)
+                log.error("rank %s (pid %s) on this host will be killed in %.0f s", beat.get("rank"), pid,
+                          KILL_DELAY_S)
 
     def _write(self) -> None:
         beat = {"rank": self.rank, "host": self.host, "pid": os.getpid(), "start": process_start_time(os.getpid()),
