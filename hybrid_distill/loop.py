@@ -16,6 +16,7 @@ import errno
 import json
 import logging
 import math
+import os
 import random
 import secrets
 import shutil
@@ -163,6 +164,9 @@ def used_run_dir(run_dir: Path) -> str | None:
 def start_fresh(run_dir: Path, overwrite: bool, is_main: bool) -> None:
     """A run that starts at step 0: refuse a used directory unless ``overwrite``, which deletes its outputs.
 
+    A requeued SLURM job (``SLURM_RESTART_COUNT`` > 0) starts over by itself: what is in the directory is its own
+    earlier run's, which ended before its first checkpoint (that run passed this check, or it would not have run).
+
     Raises:
         ConfigError: ``run_dir`` holds checkpoints or metrics of another run and ``overwrite`` is False.
     """
@@ -170,6 +174,11 @@ def start_fresh(run_dir: Path, overwrite: bool, is_main: bool) -> None:
     distributed.barrier()  # every rank has looked before rank 0 deletes anything
     if used is None:
         return
+    restart = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+    if restart > 0 and not overwrite:
+        log.warning("SLURM restart %d: this job's earlier run ended before its first checkpoint; starting over",
+                    restart)
+        overwrite = True
     if not overwrite:
         raise ConfigError(f"--output-dir {run_dir} already holds a run ({used}) and no complete checkpoint to resume: "
                           "a fresh start would mix the two runs. Use another --output-dir, or pass --overwrite to "

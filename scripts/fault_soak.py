@@ -74,12 +74,16 @@ def wait_gone(job: Job, timeout: float) -> float:
 
 def loadable(out: Path) -> list[str]:
     """Complete checkpoints whose files DeepSpeed's consolidation can read (a torn file fails here)."""
+    import contextlib
+    import io
+
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     good = []
     for name in checkpoints(out):
         try:
-            get_fp32_state_dict_from_zero_checkpoint(str(out / "checkpoints"), tag=name)
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                get_fp32_state_dict_from_zero_checkpoint(str(out / "checkpoints"), tag=name)
             good.append(name)
         except Exception:  # noqa: BLE001 - reported as a lost checkpoint
             pass
@@ -93,9 +97,10 @@ def trial(index: int, fault: str, root: Path, rng: random.Random) -> dict:
     args = [*TINY, f"run.max_steps={MAX_STEPS}", "run.ckpt_every=3", "run.keep_last=2"]
     extra = {"HD_DIST_TIMEOUT_S": "20"} if fault == "stop_rank" else {}
     job = Job(out, *args, procs=procs, ds=ds, extra_env=extra)
-    delay = rng.uniform(0.5, 25.0)
+    delay = rng.uniform(0.5, 18.0)  # a 12-step run takes about 15-25 s on 2 shared cores, its export included
     time.sleep(delay)
     before = steps(out)
+    landed = job.proc.poll() is None  # False: the run had already ended, nothing was injected
     inject(job, fault, rng)
     gone = wait_gone(job, timeout=90)
     code = job.proc.returncode
@@ -108,11 +113,13 @@ def trial(index: int, fault: str, root: Path, rng: random.Random) -> dict:
         problems.append(f"unloadable complete checkpoints: {sorted(set(after) - set(good))}")
     if fault == "stop_rank" and code not in (69, 0) and gone > 35:
         problems.append(f"stopped rank: job took {gone:.0f} s")
-    resumes, final = 0, None
+    resumes, final, overwrite = 0, None, []
     while final != 0 and resumes < 4:
         resumes += 1
-        again = Job(out, *args, procs=procs, ds=ds)
+        again = Job(out, *args, *overwrite, procs=procs, ds=ds)
         final = again.wait(600)
+        if final == 2 and "no complete checkpoint to resume" in again.log() and not good:
+            overwrite = ["--overwrite"]  # it died before its first checkpoint: nothing to lose, start over
         resumed = re.search(r"resumed from \S+/(step_\d+)", again.log())
         if resumes == 1 and good and (resumed is None or resumed.group(1) != good[-1]):
             problems.append(f"resumed from {resumed.group(1) if resumed else 'nothing'}, not the newest {good[-1]}")
@@ -123,7 +130,8 @@ def trial(index: int, fault: str, root: Path, rng: random.Random) -> dict:
         problems.append(f"metrics steps {rows}")
     if not (out / "export" / "model.safetensors").exists():
         problems.append("no export")
-    return {"trial": index, "fault": fault, "procs": procs, "ds": Path(ds).stem, "delay_s": round(delay, 1),
+    return {"trial": index, "fault": fault, "landed": landed, "procs": procs, "ds": Path(ds).stem,
+            "delay_s": round(delay, 1),
             "steps_before": len(before), "exit": code, "gone_s": round(gone, 1), "checkpoints_after_fault": after,
             "resumes": resumes, "problems": problems}
 
@@ -142,15 +150,19 @@ def main(argv: list[str] | None = None) -> int:
         result = trial(i, args.faults[i % len(args.faults)], args.out, rng)
         results.append(result)
         verdict = "ok" if not result["problems"] else "LOST: " + "; ".join(result["problems"])
-        print(f"{i:3d} {result['fault']:17s} procs={result['procs']} {result['ds']} t={result['delay_s']:5.1f}s "
+        when = "landed" if result["landed"] else "late  "
+        print(f"{i:3d} {result['fault']:17s} {when} procs={result['procs']} {result['ds']} t={result['delay_s']:5.1f}s "
               f"exit={result['exit']} gone={result['gone_s']}s ckpts={len(result['checkpoints_after_fault'])} "
               f"resumes={result['resumes']} {verdict}", flush=True)
     survived = sum(not r["problems"] for r in results)
+    landed = sum(r["landed"] for r in results)
     by_fault = {f: [sum(1 for r in results if r["fault"] == f), sum(1 for r in results if r["fault"] == f and
                                                                       not r["problems"])] for f in args.faults}
-    summary = {"tried": len(results), "survived_nothing_lost": survived, "by_fault": by_fault, "trials": results}
+    summary = {"tried": len(results), "landed": landed, "survived_nothing_lost": survived, "by_fault": by_fault,
+               "trials": results}
     (args.out / "soak.json").write_text(json.dumps(summary, indent=2))
-    print(f"tried {len(results)}, survived with nothing lost {survived}; by fault (tried, survived): {by_fault}")
+    print(f"tried {len(results)} ({landed} landed while the job ran), survived with nothing lost {survived}; by fault "
+          f"(tried, survived): {by_fault}")
     return 0 if survived == len(results) else 1
 
 

@@ -154,12 +154,16 @@ def test_a_fresh_run_into_a_used_directory_is_refused_unless_asked(used_run, tmp
     assert steps(out) == [1, 2] and checkpoints(out) == ["step_00000002"]
 
 
-def test_resume_auto_with_metrics_but_no_checkpoint_is_refused(used_run, tmp_path):
+def test_resume_auto_with_metrics_but_no_checkpoint_is_refused_unless_requeued(used_run, tmp_path):
     out = _copy(used_run, tmp_path)
     shutil.rmtree(out / "checkpoints")
     code, log = run(out, *TINY, "run.max_steps=2")
     _ok(code, log, 2)
     assert "4 rows of metrics.jsonl" in log and "no complete checkpoint to resume" in log
+    # a requeued job whose first run died before its first checkpoint: its own rows, it starts over
+    code, log = run(out, *TINY, "run.max_steps=2", extra_env={"SLURM_RESTART_COUNT": "1"})
+    _ok(code, log)
+    assert "ended before its first checkpoint; starting over" in log and steps(out) == [1, 2]
 
 
 def test_a_requeued_job_applies_resume_none_to_its_first_run_only(used_run, tmp_path):
