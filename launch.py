@@ -7,9 +7,19 @@
 With no arguments beyond ``--ds_config`` it runs the ``tiny`` preset on built-in synthetic data.
 """
 
+import signal
 import sys
 
-from hybrid_distill.train import main
+# First: from here on a preemption signal is a stop request, not a kill (see cluster.hold_stop_signals).
+_early: list[int] = []
+for _sig in (signal.SIGUSR1, signal.SIGTERM):
+    signal.signal(_sig, lambda signum, frame: _early.append(signum))
+
+from hybrid_distill.runtime.cluster import hold_stop_signals  # noqa: E402
+
+hold_stop_signals(_early)
+
+from hybrid_distill.train import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import stat
 import sys
 import tempfile
 from pathlib import Path
@@ -182,15 +183,23 @@ def export_student(src: str | Path, out: str | Path, tag: str | None = None) -> 
         raise ExportError(f"{str(tag_dir)!r} does not match student {cfg.student.model}: {e}") from e
     out = Path(out)
     kwargs = export_kwargs(cfg)
-    norm = {"mean": list(cfg.student.mean), "std": list(cfg.student.std)}
+    size = cfg.student.img_size  # timm's pretrained_cfg of the model name may say 224
+    norm = {"mean": list(cfg.student.mean), "std": list(cfg.student.std), "input_size": [3, size, size]}
     model_config = {"model_args": kwargs, "pretrained_cfg": {"tag": "hybrid_distill", **norm}}
     save_for_hf(model.eval(), str(out), model_config=model_config, safe_serialization=True)
+    _make_readable(out / "model.safetensors")
     _write_docs(out, cfg.student.model, kwargs, tag_dir, norm, size_name(model.embed_dim, len(model.blocks)))
     return out / "model.safetensors"
 
 
+def _make_readable(path: Path) -> None:
+    """safetensors writes its file mode 0600; give it the mode of ``config.json`` beside it (0666 minus the umask)."""
+    path.chmod(stat.S_IMODE((path.parent / "config.json").stat().st_mode))
+
+
 def load_line(model_name: str, kwargs: dict[str, Any], weights: Path, norm: dict[str, list[float]]) -> str:
-    """The Python line that loads the export with timm (its pretrained_cfg then holds the training mean/std)."""
+    """The Python line that loads the export with timm (its pretrained_cfg then holds the training mean/std and
+    input size)."""
     args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
     overlay = ", ".join(f"{k}={tuple(v)!r}" for k, v in norm.items())
     return (f"timm.create_model({model_name!r}, pretrained=True, "

@@ -15,10 +15,14 @@ model code (``model.task``) never does.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import math
+import os
 import random
+import secrets
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,8 +30,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
-from hybrid_distill.config import Config, save_config, to_dict
+from hybrid_distill.config import Config, to_dict
+from hybrid_distill.config.files import check_device_support
 from hybrid_distill.data import build_loader
 from hybrid_distill.data.loader import ImageLoader
 from hybrid_distill.errors import CheckpointError, ConfigError, HybridDistillError
@@ -36,12 +42,19 @@ from hybrid_distill.model import flops
 from hybrid_distill.model.task import HybridDistillTask, compile_options
 from hybrid_distill.model.teachers import RANDOM_TEACHER_WARN_PARAMS, describe
 from hybrid_distill.runtime import checkpoint, cluster, distributed, engine, metrics
+from hybrid_distill.runtime.cluster import (
+    EXIT_BAD_DATA,
+    EXIT_BAD_INPUT,
+    EXIT_IO,
+    EXIT_NONFINITE,
+    EXIT_PEER_LOST,
+    EXIT_REQUEUE,
+)
+from hybrid_distill.runtime.durable import write_atomic
 from hybrid_distill.runtime.resume import check_resume
+from hybrid_distill.runtime.watchdog import Watchdog
 
 log = logging.getLogger("hybrid_distill")
-
-EXIT_BAD_INPUT = 2
-EXIT_NONFINITE = 3
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -70,6 +83,7 @@ class Run:
     saved_step: int | None = None  # step of the checkpoint last saved or resumed (the weights on disk)
     flops_per_image: float = 0.0  # model FLOPs of one image's step (hybrid_distill.model.flops)
     peak_tflops: float | None = None  # this device's dense bf16 peak (None: unknown, no MFU logged)
+    bad_samples: int = 0  # undecodable samples so far, all ranks (check_data)
 
 
 def pick_device(env: cluster.DistEnv) -> torch.device:
@@ -88,22 +102,26 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_run(cfg: Config, args: argparse.Namespace, env: cluster.DistEnv, device: torch.device
-              ) -> tuple[Run, Path | None, bool]:
+def build_run(cfg: Config, args: argparse.Namespace, env: cluster.DistEnv, device: torch.device,
+              stop: cluster.StopRequest | None = None) -> tuple[Run, Path | None, bool]:
     """Teachers, data, engine; the checkpoint to resume from (or None) and whether it is a universal one."""
     run_dir = Path(cfg.run.output_dir)
     # Cheap checks first: a bad DeepSpeed JSON or checkpoint fails before teachers and data are loaded.
+    check_device_support(cfg, device.type)
+    check_model_names(cfg)
     ds_config = engine.resolve_ds_config(args.ds_config, cfg, env.world_size, device.type)
     resume = checkpoint.resolve_resume(args.resume, run_dir)
     check_compile_backend(cfg)
     if resume is not None:
         check_resume(cfg, ds_config, resume, on_purpose=args.resume != "auto")
+    else:
+        start_fresh(run_dir, overwrite=getattr(args, "overwrite", False), is_main=env.is_main)
     if env.is_main:  # only now: a refused resume leaves the run's config.yaml as it was
-        save_config(cfg, run_dir / "config.yaml")
-        (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
+        write_atomic(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        write_atomic(run_dir / "ds_config.json", json.dumps(ds_config, indent=2))
     universal = resume is not None and checkpoint.needs_universal(resume, env.world_size)
     if universal:  # saved by another number of processes: DeepSpeed's universal checkpoint
-        resume = checkpoint.ensure_universal(resume, env.world_size)
+        resume = checkpoint.ensure_universal(resume, env.world_size, stop.local_requested if stop else None)
         ds_config["checkpoint"] = {"load_universal": True}
     seed_everything(cfg.run.seed)
     task = HybridDistillTask(cfg)
@@ -154,6 +172,67 @@ def compile_run(task: HybridDistillTask, eng: object, cfg: Config) -> None:
     log.info("torch.compile: %s", options)
 
 
+def check_model_names(cfg: Config) -> None:
+    """Every model name exists in its library (timm / open_clip), before anything is built."""
+    import timm
+
+    for key, library, name in (("student.model", "timm", cfg.student.model),
+                               ("mim_teacher.model", cfg.mim_teacher.library, cfg.mim_teacher.model),
+                               ("feature_teacher.model", cfg.feature_teacher.library, cfg.feature_teacher.model)):
+        if library == "timm" and not timm.is_model(name):
+            raise ConfigError(f"{key}={name!r} is not a timm model: see timm.list_models('*vit*') (a pretrained tag "
+                              "goes after a dot, e.g. vit_base_patch16_224.mae)")
+        if library == "open_clip" and not name.startswith("hf-hub:"):
+            import open_clip
+
+            if name not in open_clip.list_models():
+                raise ConfigError(f"{key}={name!r} is not an open_clip model: see open_clip.list_models()")
+
+
+# Outputs of a run that a fresh start (--overwrite) deletes; everything a later --resume auto or a reader of the
+# metrics would otherwise mix into the new run.
+RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "tensorboard", "export", "loss.png", metrics.WANDB_ID_FILE)
+
+
+def used_run_dir(run_dir: Path) -> str | None:
+    """What a previous run left in ``run_dir`` (checkpoint directories, metrics rows), or None if nothing."""
+    ckpts = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*") if p.is_dir())
+    rows = metrics.count_rows(run_dir / "metrics.jsonl")
+    found = ([f"checkpoints {', '.join(ckpts[-3:])}" + (f" and {len(ckpts) - 3} more" if len(ckpts) > 3 else "")]
+             if ckpts else []) + ([f"{rows} rows of metrics.jsonl"] if rows else [])
+    return "; ".join(found) or None
+
+
+def start_fresh(run_dir: Path, overwrite: bool, is_main: bool) -> None:
+    """A run that starts at step 0: refuse a used directory unless ``overwrite``, which deletes its outputs.
+
+    A requeued SLURM job (``SLURM_RESTART_COUNT`` > 0) starts over by itself: what is in the directory is its own
+    earlier run's, which ended before its first checkpoint (that run passed this check, or it would not have run).
+
+    Raises:
+        ConfigError: ``run_dir`` holds checkpoints or metrics of another run and ``overwrite`` is False.
+    """
+    used = used_run_dir(run_dir)
+    distributed.barrier()  # every rank has looked before rank 0 deletes anything
+    if used is None:
+        return
+    restart = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+    if restart > 0 and not overwrite:
+        log.warning("SLURM restart %d: this job's earlier run ended before its first checkpoint; starting over",
+                    restart)
+        overwrite = True
+    if not overwrite:
+        raise ConfigError(f"--output-dir {run_dir} already holds a run ({used}) and no complete checkpoint to resume: "
+                          "a fresh start would mix the two runs. Use another --output-dir, or pass --overwrite to "
+                          "delete its checkpoints, metrics, TensorBoard events and export and start over")
+    if is_main:
+        log.warning("--overwrite: deleting the outputs of the previous run in %s (%s)", run_dir, used)
+        for name in RUN_OUTPUTS:
+            path = run_dir / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    distributed.barrier()
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Checkpoints of the run
 
@@ -178,6 +257,10 @@ def save(run: Run) -> None:
 
     Skipped when this step is already on disk (saved, or resumed from, with no update since): re-saving would
     first delete that checkpoint, and a crash during the save would then lose it.
+
+    Raises:
+        checkpoint.NonFiniteWeights: the weights hold NaN/inf (nothing saved, nothing pruned).
+        checkpoint.SaveFailed: a rank could not write (e.g. disk full); older checkpoints are intact.
     """
     if run.saved_step == run.step:
         log.info("checkpoint for step %d already on disk", run.step)
@@ -191,6 +274,12 @@ def save(run: Run) -> None:
     checkpoint.save(run.engine, run.run_dir / "checkpoints", run.step, client, keep_last=run.cfg.run.keep_last)
     run.saved_step = run.step
     log.info("saved checkpoint at step %d", run.step)
+
+
+def newest_checkpoint(run: Run) -> str:
+    """``step_00000004`` (the newest complete checkpoint of the run directory), or ``none``, for messages."""
+    latest = checkpoint.find_latest(run.run_dir / "checkpoints")
+    return latest.name if latest is not None else "none"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -269,7 +358,8 @@ def train_step(run: Run, data: Iterator[dict], timed: bool) -> StepResult:
 
 
 def step_metrics(run: Run, result: StepResult, dt: float, images: int) -> dict[str, float]:
-    """The logged line: loss terms and times averaged over ranks, lr, grad norm, throughput."""
+    """The logged line: loss terms and times averaged over ranks, lr, grad norm, throughput, bad samples of all
+    ranks."""
     sums = {**result.losses, **result.times}
     keys = sorted(sums)
     t = distributed.all_reduce_sum(torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=run.device))
@@ -282,7 +372,7 @@ def step_metrics(run: Run, result: StepResult, dt: float, images: int) -> dict[s
         lr=run.engine.optimizer.param_groups[0]["lr"],
         grad_norm=grad_norm if grad_norm is not None else float("nan"),
         skipped_steps=engine.skipped_steps(run.engine),
-        bad_samples=int(run.loader.bad_samples),
+        bad_samples=run.bad_samples,
         images_per_s=images / dt,
         images_per_s_per_device=images / dt / run.env.world_size,
         world_size=run.env.world_size,
@@ -293,56 +383,92 @@ def step_metrics(run: Run, result: StepResult, dt: float, images: int) -> dict[s
     return values
 
 
-def train(run: Run, stop: cluster.StopRequest, logger: metrics.MetricsLogger, monitor: OnlineEval | None = None) -> int:
-    """Run until ``total_steps``, a stop request, or too many non-finite losses; returns the exit code.
+def check_data(run: Run) -> str | None:
+    """Sum the undecodable and read samples over ranks (``run.bad_samples``); the reason to stop, or None."""
+    counts = torch.tensor([run.loader.bad_samples, run.loader.samples_read], dtype=torch.float64, device=run.device)
+    bad, read = (int(v) for v in distributed.all_reduce_sum(counts).tolist())
+    run.bad_samples = bad
+    return run.loader.bad_fraction_problem(bad, read)
 
-    With a ``monitor``, every step it names is evaluated after the step's log line and before its checkpoint, so a
-    checkpoint's step always has its evaluation row and a resume never repeats it.
+
+def train(run: Run, stop: cluster.StopRequest, logger: metrics.MetricsLogger, monitor: OnlineEval | None = None,
+          watchdog: Watchdog | None = None) -> int:
+    """Run until ``total_steps``, a stop request, too many non-finite losses or bad samples; returns the exit code.
+
+    Exit 3 (non-finite) saves nothing: the weights that produced those losses are not a resumable checkpoint, and
+    the last good checkpoint stays the newest one. Exit 65 (bad data) saves first. A checkpoint that cannot be
+    written ends the run with exit 74. With a ``monitor``, every step it names is evaluated after the step's log
+    line and before its checkpoint, so a checkpoint's step always has its evaluation row and a resume never repeats
+    it.
     """
     cfg = run.cfg.run
+    if stop.should_stop(run.device):  # requested during the start-up: nothing was trained, nothing to save
+        log.info("stopping before step %d (%s); resume with --resume auto", run.step + 1, stop.reason)
+        return EXIT_REQUEUE
     data = batches(run)
     first_step = run.step
     t_last, step_last = time.perf_counter(), run.step
-    while run.step < run.total_steps:
-        timed = (run.step + 1) % cfg.log_every == 0
-        result = train_step(run, data, timed)
-        if not result.updated:
-            save(run)
-            log.error("stopping: %d non-finite losses in a row at step %d; checkpoint saved (lower optim.base_lr "
-                      "or check the data), resume with --resume auto", run.nonfinite, run.step)
-            return EXIT_NONFINITE
-        run.step += 1
-        if timed:
-            now = time.perf_counter()
-            images = (run.step - step_last) * run.cfg.optim.global_batch_size
-            logger.log(run.step, step_metrics(run, result, now - t_last, images))
-            t_last, step_last = now, run.step
-        if monitor is not None and monitor.due(run.step, run.total_steps):
-            t_eval = time.perf_counter()
-            logger.log(run.step, monitor.evaluate(run.engine), group="eval")
-            t_last += time.perf_counter() - t_eval  # the evaluation is not training throughput
-        finished = run.step >= run.total_steps
-        if finished or run.step % cfg.ckpt_every == 0:
-            save(run)
-        if finished:
-            break
-        planned = cfg.stop_after_steps is not None and run.step - first_step >= cfg.stop_after_steps
-        if stop.should_stop(run.device) or planned:
-            if run.step % cfg.ckpt_every:
+    try:
+        while run.step < run.total_steps:
+            timed = (run.step + 1) % cfg.log_every == 0
+            result = train_step(run, data, timed)
+            if not result.updated:
+                log.error("stopping: %d non-finite losses in a row at step %d; not saved (those weights are not "
+                          "resumable), the newest checkpoint is %s: lower optim.base_lr (or check the data), then "
+                          "resume with --resume auto", run.nonfinite, run.step, newest_checkpoint(run))
+                return EXIT_NONFINITE
+            run.step += 1
+            if watchdog is not None:
+                watchdog.step = run.step
+            problem = check_data(run)
+            if timed:
+                now = time.perf_counter()
+                images = (run.step - step_last) * run.cfg.optim.global_batch_size
+                logger.log(run.step, step_metrics(run, result, now - t_last, images))
+                t_last, step_last = now, run.step
+            if monitor is not None and monitor.due(run.step, run.total_steps):
+                t_last += log_evaluation(run, monitor, logger)  # the evaluation is not training throughput
+            finished = run.step >= run.total_steps
+            if finished or run.step % cfg.ckpt_every == 0 or problem:
                 save(run)
-            log.info("stopping at step %d (%s); resume with --resume auto", run.step, stop.reason or "stop_after_steps")
-            return cluster.EXIT_REQUEUE
+            if problem:
+                log.error("stopping at step %d: %s (checkpoint saved)", run.step, problem)
+                return EXIT_BAD_DATA
+            if finished:
+                break
+            planned = cfg.stop_after_steps is not None and run.step - first_step >= cfg.stop_after_steps
+            if stop.should_stop(run.device) or planned:
+                save(run)
+                log.info("stopping at step %d (%s); resume with --resume auto", run.step,
+                         stop.reason or "stop_after_steps")
+                return EXIT_REQUEUE
+    except checkpoint.NonFiniteWeights as e:
+        log.error("stopping: %s (newest checkpoint: %s): lower optim.base_lr (or check the data), then resume with "
+                  "--resume auto", e, newest_checkpoint(run))
+        return EXIT_NONFINITE
+    except checkpoint.SaveFailed as e:
+        log.error("stopping: %s. It will never be resumed from; the newest complete checkpoint is %s. Free space "
+                  "(or raise the quota) under %s, then resume with --resume auto", e, newest_checkpoint(run),
+                  run.run_dir)
+        return EXIT_IO
     return 0
 
 
-def finish(run: Run) -> None:
-    """Export the student as a timm checkpoint (main rank)."""
-    if run.cfg.run.export_at_end and run.env.is_main:
-        from hybrid_distill.export import export_student
+def finish(run: Run) -> int:
+    """Export the student as a timm checkpoint (main rank); the exit code (74 when the export cannot be written)."""
+    if not (run.cfg.run.export_at_end and run.env.is_main):
+        return 0
+    from hybrid_distill.export import export_student
 
-        tag_dir = run.run_dir / "checkpoints" / checkpoint.tag_name(run.step)  # this run's, not the newest
+    tag_dir = run.run_dir / "checkpoints" / checkpoint.tag_name(run.step)  # this run's, not the newest
+    try:
         out = export_student(tag_dir, run.run_dir / "export")
-        log.info("exported the student to %s", out)
+    except OSError as e:
+        log.error("error: the run finished but its export could not be written (%s: %s); export it later with: python "
+                  "-m hybrid_distill.export %s --out %s", type(e).__name__, e, tag_dir, run.run_dir / "export")
+        return EXIT_IO
+    log.info("exported the student to %s", out)
+    return 0
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -376,6 +502,13 @@ def build_monitor(cfg: Config, env: cluster.DistEnv, device: torch.device) -> On
     return monitor
 
 
+def log_evaluation(run: Run, monitor: OnlineEval, logger: metrics.MetricsLogger) -> float:
+    """Evaluate the student now and log the ``eval`` row; the seconds it took."""
+    start = time.perf_counter()
+    logger.log(run.step, monitor.evaluate(run.engine), group="eval")
+    return time.perf_counter() - start
+
+
 def evaluate_start(run: Run, monitor: OnlineEval, logger: metrics.MetricsLogger) -> None:
     """Step 0 of a fresh run: the teachers' attention statistics, then the untrained student's evaluation."""
     teachers = monitor.teacher_metrics({"mim_teacher": run.task.mim_teacher,
@@ -388,6 +521,8 @@ def evaluate_start(run: Run, monitor: OnlineEval, logger: metrics.MetricsLogger)
 # ----------------------------------------------------------------------------------------------------------------
 # The job
 
+IO_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS}
+
 
 def run_job(cfg: Config, args: argparse.Namespace, stop: cluster.StopRequest) -> int:
     """Set up ranks, build, resume, train, export. Returns the process exit code."""
@@ -397,10 +532,36 @@ def run_job(cfg: Config, args: argparse.Namespace, stop: cluster.StopRequest) ->
         run_dir.mkdir(parents=True, exist_ok=True)
     metrics.setup_logging(run_dir, env.is_main)
     device = pick_device(env)
-    distributed.init(device, cluster.dist_timeout())
+    timeout = cluster.dist_timeout()
+    distributed.init(device, timeout)
+    token = distributed.all_gather_objects(secrets.token_hex(8))[0]
+    watchdog = Watchdog(run_dir, env.rank, env.world_size, timeout.total_seconds(), token).start()
+    clean = False
+    try:
+        code = _run_job(cfg, args, stop, env, device, watchdog)
+        clean = code != EXIT_PEER_LOST
+        return code
+    except cluster.Stopped as e:
+        log.info("stopping: %s; resume with --resume auto", e)
+        clean = True
+        return EXIT_REQUEUE
+    except OSError as e:
+        if e.errno not in IO_ERRNOS:
+            raise
+        log.error("error: cannot write the run directory %s (%s: %s); the newest complete checkpoint is untouched: "
+                  "free space (or fix the file system), then resume with --resume auto", run_dir, type(e).__name__, e)
+        return EXIT_IO
+    finally:
+        watchdog.stop(remove=clean)
+        if clean:  # a lost rank would never answer the teardown
+            distributed.close()
+
+
+def _run_job(cfg: Config, args: argparse.Namespace, stop: cluster.StopRequest, env: cluster.DistEnv,
+             device: torch.device, watchdog: Watchdog) -> int:
     try:
         monitor = build_monitor(cfg, env, device)
-        run, resume, universal = build_run(cfg, args, env, device)
+        run, resume, universal = build_run(cfg, args, env, device, stop)
     except HybridDistillError as e:
         log.error("error: %s", e)
         return EXIT_BAD_INPUT
@@ -413,17 +574,24 @@ def run_job(cfg: Config, args: argparse.Namespace, stop: cluster.StopRequest) ->
             log.error("error: cannot resume: %s\nOlder complete checkpoints: %s. Pass one with --resume PATH (or "
                       "move the bad one away), or check that --ds_config matches the run's", e, older)
             return EXIT_BAD_INPUT
-    logger = metrics.MetricsLogger(run_dir, cfg.run, env.is_main, run.total_steps, config=to_dict(cfg),
+    watchdog.step = run.step
+    logger = metrics.MetricsLogger(run.run_dir, cfg.run, env.is_main, run.total_steps, config=to_dict(cfg),
                                    initial_step=run.step)
     log.info("%s | %d steps (%d per epoch), accumulation %d, world size %d", env.describe(), run.total_steps,
              run.steps_per_epoch, run.accum, env.world_size)
     try:
         if monitor is not None and resume is None:
             evaluate_start(run, monitor, logger)
-        code = train(run, stop, logger, monitor)
+        code = train(run, stop, logger, monitor, watchdog)
+    except Exception as e:  # a failed collective: name the rank that stopped answering, if one did
+        blame = watchdog.blame(e)
+        if blame is None:
+            raise
+        log.error("error: %s", blame)
+        return EXIT_PEER_LOST
     finally:
         logger.close()
     if code == 0:
-        finish(run)
+        code = finish(run)
     distributed.barrier()  # no rank exits (and trips srun --kill-on-bad-exit) while rank 0 still writes
     return code

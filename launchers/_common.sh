@@ -89,6 +89,10 @@ hd_slurm_setup() {
     mkdir -p "$HD_LOG_DIR"
     cd "$HD_REPO"
     local run="${SLURM_JOB_NAME:-job}-${SLURM_JOB_ID}.r${SLURM_RESTART_COUNT:-0}"
+    # sbatch exports the submitting shell's environment: a RANK/WORLD_SIZE left there (a shell inside another job,
+    # a torchrun session) would override SLURM's task ids and put every task into a world of its own. The ranks
+    # come from srun (SLURM_PROCID) or from the DeepSpeed launcher here, never from the submitter.
+    unset RANK LOCAL_RANK WORLD_SIZE LOCAL_WORLD_SIZE GROUP_RANK ROLE_RANK
     # Stop request forwarded by the batch shell (deepspeed-launcher variant); polled by every rank.
     export HD_STOP_FILE="${HD_STOP_FILE:-$HD_LOG_DIR/$run.stop}"
     # Written by rank 0 when all ranks agreed to stop (hybrid_distill.runtime.cluster.StopRequest).
@@ -119,8 +123,20 @@ hd_master() {
 hd_request_stop() {
     HD_STOP_REQUESTED=1
     [[ "$1" == TERM ]] && HD_TERMINATED=1
-    hd_log "batch shell received SIG$1: asking every rank to checkpoint and stop (created $HD_STOP_FILE)"
+    hd_log "${HD_SHELL:-batch shell} received SIG$1: asking every rank to checkpoint and stop (created $HD_STOP_FILE)"
     touch "$HD_STOP_FILE"
+}
+
+# Ctrl-C (single_node.sh): the first asks for a checkpoint and stop, a second kills the step's process group.
+hd_interrupt() {
+    if [[ -n "${HD_INTERRUPTED:-}" && -n "${HD_STEP_PID:-}" ]]; then
+        hd_log "second Ctrl-C: killing the ranks WITHOUT a checkpoint"
+        kill -KILL -- "-$HD_STEP_PID" 2>/dev/null || true
+        return
+    fi
+    HD_INTERRUPTED=1
+    hd_request_stop INT
+    hd_log "press Ctrl-C again to kill the ranks without a checkpoint"
 }
 
 # Run a job step ("$@", an srun command) in the background so that the batch shell can handle signals while
@@ -130,6 +146,7 @@ hd_run_step() {
     trap 'hd_request_stop TERM' TERM
     "$@" &
     local pid=$!
+    HD_STEP_PID=$pid
     while kill -0 "$pid" 2>/dev/null; do
         wait "$pid" || true  # returns early (>128) when a trapped signal arrives
     done

@@ -7,9 +7,10 @@
 #
 # Equivalent to `deepspeed --num_gpus N launch.py --ds_config ds_configs/zero2.json --resume auto ARGS`:
 # --ds_config and --resume auto are added unless given, so re-running the same command continues the run.
-# Graceful stop: `touch <output-dir>/STOP` (or $HD_STOP_FILE): every rank checkpoints at the next step boundary
-# and the run exits with code 75; run the same command again to resume. Ctrl-C in the terminal reaches every
-# rank as SIGINT and aborts at once WITHOUT a checkpoint (the last periodic one is kept): stop with the STOP file.
+# Graceful stop: `kill <pid of this script>` (SIGTERM), SIGUSR1, Ctrl-C, or `touch <output-dir>/STOP`: every rank
+# checkpoints at the next step boundary and this script exits with code 75; run the same command again to resume.
+# (The script creates the stop file $HD_STOP_FILE that the ranks poll: the deepspeed launcher itself forwards no
+# signal on one node.) A second Ctrl-C kills the ranks at once, WITHOUT a checkpoint (the last one is kept).
 # With CUDA_VISIBLE_DEVICES set, the ranks use those GPUs (the first HD_GPUS_PER_NODE of them): passed to the
 # launcher as --include localhost:IDS, because with --num_gpus it would ignore the variable and use GPUs 0..N-1.
 set -euo pipefail
@@ -31,5 +32,13 @@ if [[ -n "${CUDA_VISIBLE_DEVICES:-}" && "${HD_ACCELERATOR:-}" != cpu ]]; then
     ids=("${ids[@]:0:gpus}")
     devices=(--include "localhost:$(IFS=,; echo "${ids[*]}")")
 fi
-exec "${HD_PYTHON:-python}" -m deepspeed.launcher.runner "${devices[@]}" --master_port "${MASTER_PORT:-29500}" \
-    "${HD_LAUNCH:-launch.py}" "${HD_ARGS[@]}"
+HD_SHELL="single_node.sh"
+export HD_STOP_FILE="${HD_STOP_FILE:-$(mktemp -u "${TMPDIR:-/tmp}/hd-stop.XXXXXXXX")}"
+rm -f "$HD_STOP_FILE"
+trap 'hd_interrupt' INT
+# Its own session: a second Ctrl-C can kill the launcher with all its ranks (and only them).
+hd_run_step setsid "${HD_PYTHON:-python}" -m deepspeed.launcher.runner "${devices[@]}" \
+    --master_port "${MASTER_PORT:-29500}" "${HD_LAUNCH:-launch.py}" "${HD_ARGS[@]}"
+rm -f "$HD_STOP_FILE"
+hd_log "deepspeed launcher exited with $HD_STEP_RC"
+exit "$HD_STEP_RC"

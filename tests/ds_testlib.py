@@ -120,6 +120,10 @@ def _worker(module_file: str, func_name: str, kwargs_json: str, out: str) -> Non
     spec.loader.exec_module(module)
     result = getattr(module, func_name)(**json.loads(kwargs_json))
     Path(out).write_text(json.dumps(result))
+    import torch.distributed as dist
+
+    dist.barrier()  # no rank tears down gloo while another still talks to it
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -296,15 +296,19 @@ class SlurmCluster:
 
     # -- stop ------------------------------------------------------------------------------------------------------
 
+    def cancel_all(self, timeout: float = 30) -> None:
+        """Cancel every job (and its steps) and wait until the queue is empty."""
+        self.run("scancel", "--full", "--state=PENDING,RUNNING,SUSPENDED,REQUEUED", "-u", "root", check=False,
+                 timeout=30)
+        self.run("scancel", "-u", "root", check=False, timeout=30)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.run("squeue", "-h", check=False, timeout=30).stdout.strip():
+            time.sleep(1)
+
     def stop(self) -> None:
         """Cancel jobs, stop the daemons this harness started, kill its leftovers, remove the directory."""
         if "slurmctld" in self._procs and self._procs["slurmctld"].poll() is None:
-            self.run("scancel", "--full", "--state=PENDING,RUNNING,SUSPENDED,REQUEUED", "-u", "root",
-                     check=False, timeout=30)
-            self.run("scancel", "-u", "root", check=False, timeout=30)
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline and self.run("squeue", "-h", check=False, timeout=30).stdout.strip():
-                time.sleep(1)
+            self.cancel_all()
         slurm = [proc for name, proc in self._procs.items() if name != "munged"]
         _terminate(slurm)  # all slurm daemons at once, then munged, which they use until they exit
         _terminate([proc for name, proc in self._procs.items() if name == "munged"])

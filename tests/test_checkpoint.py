@@ -252,7 +252,7 @@ def test_waiting_ranks_return_once_the_conversion_is_marked_complete(tmp_path):
 
     out, failed = tmp_path / "step_00000002_universal", tmp_path / "step_00000002_universal.failed"
     out.mkdir()
-    timer = threading.Timer(0.3, ck.write_marker, args=(out, {"step": 2, "universal": True}))
+    timer = threading.Timer(0.3, ck.write_marker, args=(out, {"step": 2, "world_size": 2, "universal": True}))
     timer.start()
     ck._wait_for_conversion(out, failed, poll_s=0.02)
     timer.join()
@@ -281,3 +281,74 @@ def test_a_failed_conversion_fails_every_rank(tmp_path):
     errors = run_ranks(_scenario_failed_conversion, world_size=2, tmp=str(tmp_path))
     assert "universal conversion of" in errors[0] and "failed (exit" in errors[0]
     assert "failed on rank 0" in errors[1] and "stale note" not in errors[1]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# durability and refusals of a real save (fresh processes)
+
+
+def _scenario_durable_save(tmp: str) -> dict:
+    """Save once on 2 ranks, recording every fsync (by path) and the moment COMPLETE is renamed into place."""
+    import os
+    import time
+
+    synced: list[tuple[float, str]] = []
+    renamed: list[tuple[float, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        synced.append((time.time(), os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(src, dst, **kw):
+        real_replace(src, dst, **kw)
+        renamed.append((time.time(), str(dst)))
+
+    engine = _build(stage=2, world_size=2)
+    train_steps(engine, 1)
+    os.fsync, os.replace = fsync, replace
+    try:
+        tag_dir = ck.save(engine, Path(tmp) / "checkpoints", 1, {"step": 1}, keep_last=2)
+    finally:
+        os.fsync, os.replace = real_fsync, real_replace
+    return {"synced": synced, "renamed": renamed, "tag_dir": str(tag_dir)}
+
+
+@pytest.mark.slow
+def test_every_file_and_directory_is_fsynced_before_complete_is_renamed_in(tmp_path):
+    """A node losing power right after the save must not leave a COMPLETE marker vouching for files still in its
+    page cache (DeepSpeed's torch.save does not fsync)."""
+    results = run_ranks(_scenario_durable_save, world_size=2, tmp=str(tmp_path))
+    tag_dir = Path(results[0]["tag_dir"])
+    marker_time = next(t for t, dst in results[0]["renamed"] if dst == str(tag_dir / "COMPLETE"))
+    synced_before = {path for r in results for t, path in r["synced"] if t <= marker_time}
+    files = {str(p) for p in tag_dir.iterdir() if p.name != "COMPLETE"}
+    assert files and files <= synced_before, sorted(files - synced_before)
+    assert str(tag_dir) in synced_before  # the directory naming them
+    synced_after = {path for t, path in results[0]["synced"] if t >= marker_time}
+    assert str(tag_dir) in synced_after  # the marker's own directory entry
+    assert (tag_dir.parent / "latest").read_text() == tag_dir.name  # DeepSpeed's pointer, after COMPLETE
+
+
+def _scenario_poisoned_save(tmp: str) -> dict:
+    import torch
+
+    ckpt_dir = Path(tmp) / "checkpoints"
+    engine = _build(stage=2, world_size=1, global_batch=2)
+    train_steps(engine, 1)
+    ck.save(engine, ckpt_dir, 1, {"step": 1}, keep_last=1)
+    with torch.no_grad():
+        next(engine.module.parameters()).view(-1)[0] = float("nan")  # what an inf lr does to the weights
+    try:
+        ck.save(engine, ckpt_dir, 2, {"step": 2}, keep_last=1)
+        error = None
+    except ck.NonFiniteWeights as e:
+        error = str(e)
+    return {"error": error, "left": sorted(p.name for p in ckpt_dir.iterdir())}
+
+
+@pytest.mark.slow
+def test_non_finite_weights_are_never_saved_and_prune_nothing(tmp_path):
+    r = run_ranks(_scenario_poisoned_save, tmp=str(tmp_path))[0]
+    assert r["error"] and "step 2 hold NaN or inf" in r["error"]
+    assert [n for n in r["left"] if n.startswith("step_")] == ["step_00000001"]  # keep_last=1 pruned nothing

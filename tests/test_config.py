@@ -92,9 +92,9 @@ def test_overrides_are_converted_to_the_field_type(override, key, expected):
         assert all(type(v) is type(e) for v, e in zip(value, expected, strict=True))
 
 
-def test_later_overrides_win():
-    cfg = load_config(preset="tiny", overrides=["optim.base_lr=1e-3", "optim.base_lr=2e-3"])
-    assert cfg.optim.base_lr == 2e-3
+def test_a_key_given_twice_is_refused_naming_it():  # last-wins silently dropped the first value
+    with pytest.raises(ConfigError, match=r"optim\.base_lr is given 2 times .*optim\.base_lr=1e-3.*give it once"):
+        load_config(preset="tiny", overrides=["optim.base_lr=1e-3", "optim.base_lr=2e-3"])
 
 
 @pytest.mark.parametrize(
@@ -256,12 +256,15 @@ def test_yaml_file_with_preset_key(tmp_path):
     assert cfg.run.max_steps == 7 and type(cfg.run.max_steps) is int
 
 
-def test_yaml_preset_overrides_the_argument_and_cli_overrides_the_yaml(tmp_path):
+def test_yaml_preset_is_used_and_cli_overrides_the_yaml(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("preset: vitb_in1k_deit_mae\noptim:\n  base_lr: 0.001\n")
-    cfg = load_config(preset="tiny", config_file=path, overrides=["optim.base_lr=0.002"])
+    cfg = load_config(preset=None, config_file=path, overrides=["optim.base_lr=0.002"], fallback_preset="tiny")
     assert cfg.student == get_preset("vitb_in1k_deit_mae").student
     assert cfg.optim.base_lr == 0.002
+    assert load_config(preset="vitb_in1k_deit_mae", config_file=path).student == cfg.student  # the same: fine
+    with pytest.raises(ConfigError, match="--preset tiny contradicts 'preset: vitb_in1k_deit_mae'"):
+        load_config(preset="tiny", config_file=path)  # the YAML's silently won
 
 
 @pytest.mark.parametrize("text, named", [("optim:\n  lr_typo: 1\n", "lr_typo"), ("bogus:\n  x: 1\n", "bogus"),

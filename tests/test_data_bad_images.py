@@ -123,12 +123,19 @@ def test_salted_folder_trains_through_counting_exactly_the_broken(tmp_path, capl
     assert loader.state_dict()["bad_samples"] == broken
 
 
-def test_too_many_bad_samples_abort_with_a_clear_message(tmp_path):
+def test_too_many_bad_samples_are_judged_with_a_clear_message(tmp_path):
+    """The loader counts; the trainer asks ``bad_fraction_problem`` with the counts of all ranks at each step (and
+    saves, then exits 65: tests/test_faults.py)."""
     write_salted_folder(tmp_path / "imgs", copies=1)  # 3 broken of 15
     cfg = DataConfig(source=f"folder:{tmp_path / 'imgs'}", batch_size=3, num_workers=0, max_bad_fraction=0.1)
     loader = build_loader(cfg, img_size=SIZE, cache_dir=tmp_path / "cache")
-    with pytest.raises(RuntimeError, match="data.max_bad_fraction"):
-        list(loader)
+    list(loader)
+    assert (loader.bad_samples, loader.samples_read) == (3, 15)
+    problem = loader.bad_fraction_problem(loader.bad_samples, loader.samples_read)
+    assert f"3 of 15 samples read from data.source='folder:{tmp_path / 'imgs'}'" in problem
+    assert "20.00% > data.max_bad_fraction=0.1" in problem and "--resume auto" in problem
+    assert loader.bad_fraction_problem(1, 15) is None  # within the fraction
+    assert loader.bad_fraction_problem(3, 14) is None  # fewer than min(1000, samples per epoch) read yet
 
 
 def test_streaming_shard_with_corrupt_images_keeps_streaming(tmp_path):
@@ -169,3 +176,29 @@ def test_decompression_bomb_is_skipped_and_counted(tmp_path, monkeypatch, caplog
     assert loader.bad_samples == 1 and "bomb.jpg" in caplog.text and "DecompressionBomb" in caplog.text
     red = torch.tensor(RED, dtype=torch.float32).view(1, 3, 1, 1)
     assert (batch["images"].float() - red).abs().amax() < 10  # the bomb's slot refilled with a red image
+
+
+def test_a_streamed_bad_sample_re_read_after_a_resume_counts_once(tmp_path):
+    """A resume re-reads what was in the shuffle buffer; the bad files among it were counted again (10 of 8)."""
+    shard = tmp_path / "shard-000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for i in range(40):
+            data = b"not an image" if i % 5 == 0 else jpeg_bytes(Image.new("RGB", (20, 20), (i, 0, 0)))
+            for member, payload in ((f"{i:04d}.jpg", data), (f"{i:04d}.cls", str(i).encode())):
+                info = tarfile.TarInfo(member)
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    cfg = DataConfig(source=f"wds:{shard}", streaming=True, num_samples=32, batch_size=4, num_workers=0,
+                     shuffle_buffer=4, max_bad_fraction=0.5)
+    uninterrupted = build_loader(cfg, img_size=SIZE)
+    list(uninterrupted)
+    first = build_loader(cfg, img_size=SIZE)
+    batches = iter(first)
+    for _ in range(3):
+        next(batches)
+    state = first.state_dict()
+    resumed = build_loader(cfg, img_size=SIZE)
+    resumed.load_state_dict(state)
+    list(resumed)
+    assert uninterrupted.bad_samples == 8  # every fifth of the 40 files
+    assert resumed.bad_samples == 8

@@ -17,21 +17,10 @@ COMMON = LAUNCHERS / "_common.sh"
 
 
 @pytest.mark.parametrize("script", ["_common.sh", "slurm_srun.sbatch", "slurm_deepspeed.sbatch", "single_node.sh"])
-def test_bash_syntax_and_strict_mode(script: str) -> None:
-    path = LAUNCHERS / script
-    subprocess.run(["bash", "-n", str(path)], check=True)
-    if script != "_common.sh":
-        assert "set -euo pipefail" in path.read_text()
-
-
-def test_sbatch_defaults() -> None:
-    srun, ds = (LAUNCHERS / "slurm_srun.sbatch").read_text(), (LAUNCHERS / "slurm_deepspeed.sbatch").read_text()
-    for text in (srun, ds):
-        assert "#SBATCH --requeue" in text and "#SBATCH --output=logs/%x-%j.out" in text
-        assert "--kill-on-bad-exit=1" in text
-    assert "#SBATCH --signal=USR1@180" in srun  # to the tasks: trainers catch it themselves
-    assert "#SBATCH --signal=B:USR1@180" in ds  # to the batch shell only: the deepspeed launcher dies on USR1
-    assert "--no_ssh" in ds and '--node_rank="$SLURM_NODEID"' in ds
+def test_the_scripts_parse(script: str) -> None:
+    """Syntax only; what the scripts and their #SBATCH directives do runs on a real cluster in tests/test_slurm.py
+    (requeue, --signal to the tasks or to the batch shell, --kill-on-bad-exit, the per-node deepspeed launcher)."""
+    subprocess.run(["bash", "-n", str(LAUNCHERS / script)], check=True)
 
 
 def _bash(snippet: str, tmp_path: Path, env: dict[str, str] | None = None,

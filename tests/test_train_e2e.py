@@ -164,13 +164,14 @@ def test_bad_input_fails_fast_with_a_message_naming_it(tmp_path, args, needle):
 
 
 @pytest.mark.slow
-def test_non_finite_losses_save_and_stop_with_a_clear_message(tmp_path):
+def test_non_finite_losses_stop_with_a_clear_message_and_save_nothing(tmp_path):
+    """Those weights are not resumable (tests/test_faults.py: the last good checkpoint stays the newest)."""
     out = tmp_path / "nan"
     result = launch(out, *TINY, "run.max_steps=8", "run.max_nonfinite=2", "optim.lr=1e30", "optim.clip_grad=1e30",
                     "optim.warmup_epochs=0")
     _ok(result, code=3)
-    assert "non-finite" in result.stderr
-    assert any((out / "checkpoints").glob("step_*/COMPLETE"))
+    assert "non-finite" in result.stderr and "the newest checkpoint is none" in result.stderr
+    assert not any((out / "checkpoints").glob("step_*/COMPLETE"))
 
 
 # ----------------------------------------------------------------------------------------------------------------

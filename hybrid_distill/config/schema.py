@@ -5,6 +5,9 @@ Components receive their own sub-config; runtime state (rank, device, step) neve
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -200,6 +203,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 
 def validate(cfg: Config) -> Config:
     """Check choices, ranges and cross-field combinations; raise ``ConfigError`` naming the key."""
+    _check_finite(cfg)
     for key, choices in CHOICES.items():
         value = get_key(cfg, key)
         if value not in choices:
@@ -220,6 +224,13 @@ def validate(cfg: Config) -> Config:
     _check(cfg.run.max_nonfinite >= 1, "run.max_nonfinite", "must be >= 1")
     _check_optim(cfg)
     _check_eval(cfg.eval)
+    _check_student(cfg)
+    _check(cfg.masking.layers is None or len(cfg.masking.layers) > 0 and min(cfg.masking.layers) >= 0,
+           "masking.layers", "must be null (the default [0, L/3, 2L/3]) or a non-empty list of MIM-teacher block "
+           f"indices >= 0, got {cfg.masking.layers}")
+    for role in ("mim_teacher", "feature_teacher"):
+        std = getattr(cfg, role).std
+        _check(std is None or all(v > 0 for v in std), f"{role}.std", f"must be > 0 per channel, got {list(std or ())}")
     lo, hi = cfg.data.crop_scale
     _check(0 < lo <= hi <= 1, "data.crop_scale", "must satisfy 0 < min <= max <= 1")
     _check(0 <= cfg.data.max_bad_fraction < 1, "data.max_bad_fraction", "must be in [0, 1)")
@@ -301,6 +312,37 @@ def _check_eval(ev: EvalConfig) -> None:
     _check(ev.batch_size >= 1 and ev.num_workers >= 0, "eval.batch_size/num_workers", "must be >= 1 / >= 0")
     _check(0 < ev.crop_pct <= 1, "eval.crop_pct", "must be in (0, 1]")
 
+def _check_student(cfg: Config) -> None:
+    student = cfg.student
+    _check(0 <= student.drop_path_rate < 1, "student.drop_path_rate",
+           f"must be in [0, 1), got {student.drop_path_rate}")
+    _check(all(v > 0 for v in student.std), "student.std", "must be > 0 per channel (the inputs are divided by "
+           f"it), got {list(student.std)}")
+    patch = student.patch_size or _name_patch_size(student.model)
+    _check(student.img_size >= 1 and (patch is None or patch >= 1), "student.img_size/patch_size", "must be >= 1")
+    if patch is not None and student.img_size % patch:
+        lower, upper = student.img_size // patch * patch, (student.img_size // patch + 1) * patch
+        where = "student.patch_size" if student.patch_size else f"the patch of {student.model}"
+        raise ConfigError(f"student.img_size={student.img_size} is not a multiple of {patch} ({where}): the grid "
+                          f"would silently drop pixels; use {lower or upper} or {upper}")
+
+
+def _name_patch_size(model: str) -> int | None:
+    """The patch size a timm model name states (``vit_base_patch16_224`` -> 16), or None."""
+    match = re.search(r"patch(\d+)", model)
+    return int(match.group(1)) if match else None
+
+
+def _check_finite(node: Any, prefix: str = "") -> None:
+    """Every float in the config (also inside lists/tuples) is finite: ``inf``/``nan`` pass every range check."""
+    for f in dataclasses.fields(node):
+        value, key = getattr(node, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            _check_finite(value, f"{key}.")
+            continue
+        items = value if isinstance(value, (list, tuple)) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in items):
+            raise ConfigError(f"{key}={value!r} must be a finite number")
 
 
 def peak_lr(cfg: Config) -> float:

@@ -50,7 +50,7 @@ from hybrid_distill.runtime.cluster import worker_signal_guard
 
 logger = logging.getLogger("hybrid_distill.data")
 
-MIN_SAMPLES_BEFORE_ABORT = 1000  # bad-fraction check starts after min(this, samples per rank per epoch)
+MIN_SAMPLES_BEFORE_ABORT = 1000  # bad-fraction check starts after min(this, samples per epoch), all ranks together
 MAX_CONSECUTIVE_BAD = 100  # a worker gives up (RuntimeError) after this many undecodable samples in a row
 
 
@@ -134,6 +134,7 @@ class _BatchBuilder:
         self.ids = np.full(batch_size, -1, np.int64)
         self.jobs: list[dict] = []
         self.bad: list[str] = []
+        self.bad_ids: list[str] = []  # what identifies each bad sample (streams: shard + key), to count it once
         self.count = 0
         self.attempts = 0
 
@@ -150,13 +151,14 @@ class _BatchBuilder:
         self.ids[self.count] = sample_id
         self.count += 1
 
-    def add_bad(self, key: str, error: BaseException) -> None:
+    def add_bad(self, key: str, error: BaseException, ident: str | None = None) -> None:
         self.bad.append(f"{key}: {type(error).__name__}: {error}")
+        self.bad_ids.append(ident or key)
 
     def finish(self) -> dict:
         return {"images": _nchw(self.images),
                 "labels": torch.from_numpy(self.labels), "ids": torch.from_numpy(self.ids),
-                "jobs": self.jobs, "bad": self.bad, "attempts": self.attempts}
+                "jobs": self.jobs, "bad": self.bad, "bad_ids": self.bad_ids, "attempts": self.attempts}
 
 
 def _nchw(images: np.ndarray) -> torch.Tensor:
@@ -212,6 +214,25 @@ class ImageLoader:
         """Undecodable samples skipped on this rank so far (cumulative, survives resume)."""
         return self._bad
 
+    @property
+    def samples_read(self) -> int:
+        """Samples this rank tried to decode so far, good and bad (cumulative, survives resume)."""
+        return self._attempts
+
+    def bad_fraction_problem(self, bad: int, read: int) -> str | None:
+        """The one-line reason to stop when ``bad`` of ``read`` samples were undecodable (the trainer passes the
+        counts summed over all ranks, so every rank decides alike), or None while within ``data.max_bad_fraction``.
+
+        Checked only after ``min(MIN_SAMPLES_BEFORE_ABORT, samples per epoch)`` reads, so one bad file among the
+        first few does not end a run.
+        """
+        if read < min(MIN_SAMPLES_BEFORE_ABORT, max(1, self.num_samples)) or bad <= self.cfg.max_bad_fraction * read:
+            return None
+        return (f"{bad} of {read} samples read from data.source={self.cfg.source!r} could not be decoded "
+                f"({bad / read:.2%} > data.max_bad_fraction={self.cfg.max_bad_fraction}); the 'skipped undecodable "
+                "sample' warnings in the rank logs name the files: fix the data or raise data.max_bad_fraction, then "
+                "resume with --resume auto")
+
     def set_epoch(self, epoch: int) -> None:
         """Enter ``epoch`` (the trainer owns the counter; reshuffles); a no-op when the loader is already in it.
 
@@ -229,27 +250,22 @@ class ImageLoader:
         raise NotImplementedError
 
     def _finish(self, batch: dict) -> dict:
-        """Count bad samples (raise past the fraction), decode deferred JPEGs, return the trainer's batch."""
-        bad = list(batch["bad"])
+        """Count bad samples (``bad_fraction_problem`` judges them), decode deferred JPEGs, return the batch."""
+        bad, ids = list(batch["bad"]), list(batch["bad_ids"])
         images = batch["images"]
         if self._decoder is not None:
             images, gpu_bad = self._decoder.finish(images, batch["jobs"])
             bad += gpu_bad
+            ids += [entry.split(": ", 1)[0] for entry in gpu_bad]
         for entry in bad:
             logger.warning("rank %d: skipped undecodable sample %s", self.rank, entry)
-        self._bad += len(bad)
+        self._bad += self._count_bad(ids)
         self._attempts += batch["attempts"]
-        self._check_bad_fraction()
         return {"images": images, "labels": batch["labels"], "ids": batch["ids"]}
 
-    def _check_bad_fraction(self) -> None:
-        minimum = min(MIN_SAMPLES_BEFORE_ABORT, max(1, self.num_samples // self.world_size))
-        if self._attempts >= minimum and self._bad > self.cfg.max_bad_fraction * self._attempts:
-            raise RuntimeError(
-                f"rank {self.rank}: {self._bad} of {self._attempts} samples read from data.source="
-                f"{self.cfg.source!r} could not be decoded ({self._bad / self._attempts:.2%} > "
-                f"data.max_bad_fraction={self.cfg.max_bad_fraction}); see the 'skipped undecodable sample' "
-                "warnings for the files, fix the data or raise data.max_bad_fraction")
+    def _count_bad(self, ids: list[str]) -> int:
+        """How many of these bad samples to count (map-style: all; each is read once per epoch)."""
+        return len(ids)
 
     def _dataloader_kwargs(self) -> dict:
         workers = self.cfg.num_workers
@@ -467,7 +483,7 @@ class _StreamDataset(IterableDataset):
                     batch.add(self.aug.process(payload, rng), label, -1, key)
                     bad_run = 0
                 except Exception as error:  # noqa: BLE001 - skipped, counted, and the next example fills in
-                    batch.add_bad(key, error)
+                    batch.add_bad(key, error, ident=f"{example.get('__url__', '')}#{key}")
                     bad_run += 1
                     if bad_run >= MAX_CONSECUTIVE_BAD:
                         raise RuntimeError(f"{bad_run} undecodable samples in a row in {self.name} (last: "
@@ -537,6 +553,7 @@ class StreamLoader(ImageLoader):
         self.split_by = "shards" if self.num_shards % world_size == 0 else "examples"
         self._dataset = _StreamDataset(hf, columns, name, aug, cfg.batch_size, rank)
         self._worker_states: dict[str, dict] = {}
+        self._bad_seen: set[str] = set()  # bad samples counted in this epoch (a resume re-reads the shuffle buffer)
         _ = self.num_samples
         logger.info("%s: %d shards over %d ranks x %d workers; ranks split by %s", name, self.num_shards,
                     world_size, max(1, cfg.num_workers), self.split_by)
@@ -558,9 +575,17 @@ class StreamLoader(ImageLoader):
 
     def _reset_position(self) -> None:
         self._worker_states = {}
+        self._bad_seen = set()
 
     def _epoch_done(self) -> bool:
         return self._batches >= len(self)
+
+    def _count_bad(self, ids: list[str]) -> int:
+        """Bad samples not yet counted in this epoch: after a resume the stream re-reads what was in the shuffle
+        buffer, and a bad file among it must not count twice."""
+        new = [i for i in dict.fromkeys(ids) if i not in self._bad_seen]
+        self._bad_seen.update(new)
+        return len(new)
 
     def __iter__(self) -> Iterator[dict]:
         if self._epoch_done():
@@ -587,7 +612,7 @@ class StreamLoader(ImageLoader):
     def state_dict(self) -> dict:
         """Read position of this rank: epoch, batches consumed and each worker's ``IterableDataset`` state."""
         return {"kind": "stream", "workers": dict(self._worker_states), "num_workers": self.cfg.num_workers,
-                **self._common_state()}
+                "bad_seen": sorted(self._bad_seen), **self._common_state()}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue after the last consumed batch of each worker (the shuffle buffer is not restored)."""
@@ -595,6 +620,7 @@ class StreamLoader(ImageLoader):
             raise ValueError(f"cannot resume a streaming loader from a {state.get('kind')!r} data state")
         self._load_common(state)
         self._worker_states = {str(k): v for k, v in state["workers"].items()}
+        self._bad_seen = set(state.get("bad_seen", ()))
         same = (state["world_size"], state["num_workers"], state["batch_size"]) == (
             self.world_size, self.cfg.num_workers, self.batch_size)
         if not same:

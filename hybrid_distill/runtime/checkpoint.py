@@ -4,10 +4,15 @@ Layout under ``<run_dir>/checkpoints/``::
 
     step_00000100/                 DeepSpeed's files (model states, ZeRO optimizer shards) + COMPLETE
     step_00000100_universal/       made on demand by ``ensure_universal`` when the world size changed
+    latest                         DeepSpeed's pointer to the last saved tag (its zero_to_fp32.py reads it)
+    latest_universal               ds_to_universal's pointer to the last conversion
 
-A checkpoint counts only once its ``COMPLETE`` marker exists. Rank 0 writes it atomically after every rank has
-returned from ``engine.save_checkpoint``, so a job killed mid-save leaves a directory that is never picked
-(``find_latest`` ignores it and the next save prunes it). DeepSpeed's own ``latest`` file is not written.
+A checkpoint counts only once its ``COMPLETE`` marker exists and holds a JSON object with ``step`` and
+``world_size``. Every rank fsyncs each file it writes; rank 0 writes the marker atomically (fsynced, then its
+directory) after every rank has, so a job killed mid-save - or a node losing power just after - leaves a
+directory that is never picked (``find_latest`` ignores it and the next save prunes it). Then rank 0 points
+``latest`` at it. Weights holding NaN/inf are never saved (``NonFiniteWeights``), and a save that fails on any
+rank (a full disk) fails on every rank with the partial directory removed (``SaveFailed``).
 
 Resuming on a different number of processes: a ZeRO checkpoint holds one optimizer shard per rank and cannot
 be loaded on another world size. ``save`` stores ``universal_checkpoint_info`` so that DeepSpeed's converter
@@ -36,6 +41,7 @@ own files written by this trainer; do not resume from checkpoints of untrusted o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -44,7 +50,9 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -53,12 +61,26 @@ import torch
 
 from hybrid_distill.errors import CheckpointError
 from hybrid_distill.runtime import distributed
+from hybrid_distill.runtime.cluster import Stopped
+from hybrid_distill.runtime.durable import fsync_dir, fsync_file, write_atomic
 
 log = logging.getLogger("hybrid_distill.runtime.checkpoint")
 
 MARKER = "COMPLETE"
+LATEST = "latest"  # DeepSpeed's pointer to the newest tag (its zero_to_fp32.py reads it)
+LATEST_UNIVERSAL = "latest_universal"  # written by ds_to_universal next to the converted folder
 UNIVERSAL_SUFFIX = "_universal"
+REQUIRED_MARKER_KEYS = ("step", "world_size")
 _TAG_RE = re.compile(r"^step_(\d+)$")
+
+
+class SaveFailed(RuntimeError):
+    """A checkpoint could not be written on some rank (disk full, quota, I/O error); its directory was removed and
+    the older checkpoints are untouched. The message names the rank, the file and the error."""
+
+
+class NonFiniteWeights(RuntimeError):
+    """The weights to be saved hold NaN or inf: they are never made a resumable checkpoint."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -76,21 +98,34 @@ def tag_step(path: str | Path) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def read_marker(tag_dir: str | Path) -> dict[str, Any] | None:
-    """The parsed ``COMPLETE`` marker of a checkpoint directory, or None when it is absent or unreadable."""
+def marker_problem(tag_dir: str | Path) -> str | None:
+    """Why ``tag_dir`` is not a complete checkpoint (its ``COMPLETE`` marker is missing or invalid), or None."""
+    path = Path(tag_dir) / MARKER
     try:
-        data = json.loads((Path(tag_dir) / MARKER).read_text())
-    except (OSError, ValueError):
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return f"no {MARKER} marker (its save did not finish)"
+    except (OSError, ValueError) as e:
+        return f"its {MARKER} marker is unreadable ({type(e).__name__}: {e})"
+    if not isinstance(data, dict):
+        return f"its {MARKER} marker holds a JSON {type(data).__name__}, not an object"
+    missing = [k for k in REQUIRED_MARKER_KEYS if not isinstance(data.get(k), int) or isinstance(data.get(k), bool)]
+    if missing:
+        return f"its {MARKER} marker lacks {', '.join(missing)}"
+    return None
+
+
+def read_marker(tag_dir: str | Path) -> dict[str, Any] | None:
+    """The parsed ``COMPLETE`` marker of a checkpoint directory, or None when it is absent or invalid
+    (``marker_problem`` says why)."""
+    if marker_problem(tag_dir) is not None:
         return None
-    return data if isinstance(data, dict) else None
+    return json.loads((Path(tag_dir) / MARKER).read_text())
 
 
 def write_marker(tag_dir: str | Path, info: dict[str, Any]) -> None:
-    """Write the ``COMPLETE`` marker atomically (temporary file + ``os.replace``)."""
-    path = Path(tag_dir) / MARKER
-    tmp = path.with_name(f".{MARKER}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(info, indent=2) + "\n")
-    os.replace(tmp, path)
+    """Write the ``COMPLETE`` marker atomically and durably (fsynced file, then its directory)."""
+    write_atomic(Path(tag_dir) / MARKER, json.dumps(info, indent=2) + "\n")
 
 
 def complete_checkpoints(ckpt_dir: str | Path) -> list[Path]:
@@ -120,23 +155,33 @@ def resolve_resume(arg: str, run_dir: str | Path) -> Path | None:
 
     Args:
         arg: ``"auto"`` (newest complete checkpoint of this run, None if there is none), ``"none"``, or a path:
-            a tag directory, a ``checkpoints`` directory or a run directory (newest complete checkpoint in it).
+            a tag directory, its ``*_universal`` conversion (made by hand with ``ds_to_universal``: the source tag
+            beside it is returned and the conversion reused), a ``checkpoints`` directory or a run directory (newest
+            complete checkpoint in it).
         run_dir: this run's directory (``auto`` looks in ``<run_dir>/checkpoints``).
 
     Raises:
-        CheckpointError: the path does not exist, is an incomplete checkpoint, or holds no complete checkpoint.
+        CheckpointError: the path does not exist, is an incomplete checkpoint, or holds no complete checkpoint; or
+            (``auto``) a newer checkpoint than the one found has a ``COMPLETE`` marker that is present but invalid
+            (it is named: resuming from an older one silently would drop its steps).
     """
     if arg == "none":
         return None
     if arg == "auto":
-        return find_latest(Path(run_dir) / "checkpoints")
+        return _newest_resumable(Path(run_dir) / "checkpoints")
     path = Path(arg)
     if not path.exists():
         raise CheckpointError(f"--resume {arg}: {str(path)!r} does not exist")
+    if _universal_source(path) is not None:
+        path = _universal_source(path)
+        if tag_step(path) is None or not path.is_dir():
+            raise CheckpointError(f"--resume {arg}: a universal conversion is resumed through its source checkpoint, "
+                                  f"which must lie beside it as {str(path)!r}")
     if tag_step(path) is not None:
-        if read_marker(path) is None:
-            raise CheckpointError(f"--resume {arg}: {str(path)!r} is incomplete (no {MARKER} marker: the save did "
-                                  "not finish); pick an older checkpoint or use --resume auto")
+        problem = marker_problem(path)
+        if problem is not None:
+            raise CheckpointError(f"--resume {arg}: {str(path)!r} is incomplete: {problem}; pick an older checkpoint "
+                                  "or use --resume auto")
         return path
     for candidate in (path, path / "checkpoints"):
         latest = find_latest(candidate)
@@ -144,6 +189,25 @@ def resolve_resume(arg: str, run_dir: str | Path) -> Path | None:
             return latest
     raise CheckpointError(f"--resume {arg}: no complete checkpoint (step_XXXXXXXX directory with a {MARKER} "
                           f"marker) in {str(path)!r}")
+
+
+def _newest_resumable(ckpt_dir: Path) -> Path | None:
+    """The newest complete checkpoint; newer incomplete ones are reported (skipped if their save did not finish,
+    refused if their marker exists but is invalid)."""
+    latest = find_latest(ckpt_dir)
+    newest = tag_step(latest) if latest is not None else -1
+    steps = {p: tag_step(p) for p in ckpt_dir.iterdir() if p.is_dir()} if ckpt_dir.is_dir() else {}
+    newer = sorted((p for p, step in steps.items() if step is not None and step > newest), key=tag_step)
+    invalid = [(p, marker_problem(p)) for p in newer if (p / MARKER).exists()]
+    if invalid:
+        listed = "; ".join(f"{p}: {why}" for p, why in invalid)
+        fallback = f"the older {latest.name}" if latest is not None else "nothing (a fresh start)"
+        raise CheckpointError(f"--resume auto: newer checkpoints than {latest.name if latest else 'any complete one'} "
+                              f"have an invalid marker ({listed}). --resume auto would continue from {fallback} and "
+                              "drop their steps: move them away, or pass --resume PATH")
+    for p in newer:
+        log.info("skipping %s: %s", p, marker_problem(p))
+    return latest
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -156,14 +220,23 @@ def save(engine: Any, ckpt_dir: str | Path, step: int, client_state: dict[str, A
     ``client_state`` is stored in DeepSpeed's model-states file (and returned by ``load``), extended with
     ``universal_checkpoint_info`` (needed by the universal converter) and ``rng_states`` (every rank's RNG
     state, gathered, see ``restore_rng_states``). An existing directory for the same step (a run resumed
-    from an older checkpoint) is replaced. After all ranks have saved, rank 0 writes the ``COMPLETE`` marker
-    and prunes to the newest ``keep_last`` complete checkpoints.
+    from an older checkpoint) is replaced. Every file is fsynced by the rank that wrote it; once all ranks have
+    written theirs, rank 0 writes the ``COMPLETE`` marker (fsynced with its directory), then DeepSpeed's ``latest``
+    pointer, and prunes to the newest ``keep_last`` complete checkpoints.
+
+    Raises:
+        NonFiniteWeights: some rank's weights hold NaN/inf (checked first: nothing is written, nothing pruned).
+        SaveFailed: a rank could not write its files (e.g. disk full): every rank raises, the partial directory is
+            removed, older checkpoints are untouched.
 
     Returns:
         The tag directory.
     """
     ckpt_dir = Path(ckpt_dir)
     tag_dir = ckpt_dir / tag_name(step)
+    if not weights_finite(engine):
+        raise NonFiniteWeights(f"the weights at step {step} hold NaN or inf: not saved as {tag_dir.name}; the older "
+                               "checkpoints are kept")
     if distributed.rank() == 0:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         for stale in (tag_dir, universal_dir(tag_dir)):
@@ -175,16 +248,94 @@ def save(engine: Any, ckpt_dir: str | Path, step: int, client_state: dict[str, A
                         ckpt_dir, ", ".join(newer))
     state = dict(client_state, universal_checkpoint_info={}, rng_states=distributed.all_gather_objects(rng_state()))
     distributed.barrier()
-    engine.save_checkpoint(str(ckpt_dir), tag=tag_dir.name, client_state=state, save_latest=False)
-    distributed.barrier()
+    with _durable_writes(engine) as failures:
+        try:
+            engine.save_checkpoint(str(ckpt_dir), tag=tag_dir.name, client_state=state, save_latest=False)
+        except OSError as e:  # rank 0's copy of zero_to_fp32.py, DeepSpeed's last step before its final barrier
+            failures.append(f"{ckpt_dir}: {e}")
+            distributed.barrier()
+    _raise_if_failed(distributed.all_gather_objects(failures), tag_dir)
+    error = None
     if distributed.rank() == 0:
+        error = _commit(engine, tag_dir, step, client_state, keep_last)
+    _raise_if_failed(distributed.all_gather_objects([error] if error else []), tag_dir)
+    return tag_dir
+
+
+def weights_finite(engine: Any) -> bool:
+    """Whether every rank's weights (its ZeRO-3 partition, or the full parameters) are finite; a collective."""
+    local = [getattr(p, "ds_tensor", p).detach() for p in engine.module.parameters()]
+    ok = torch.stack([torch.isfinite(t).all() for t in local if t.numel()]).all() if local else torch.tensor(True)
+    return not distributed.any_rank(~ok)
+
+
+@contextlib.contextmanager
+def _durable_writes(engine: Any) -> Iterator[list[str]]:
+    """While DeepSpeed saves: fsync every file its checkpoint engine writes, and record (not raise) write errors, so
+    that every rank still reaches DeepSpeed's final barrier and the failure can be agreed on afterwards."""
+    writer = getattr(engine, "checkpoint_engine", None)
+    failures: list[str] = []
+    if writer is None:
+        yield failures
+        return
+    original = writer.save
+
+    def save(state_dict: Any, path: str) -> None:
+        try:
+            original(state_dict, path)
+            fsync_file(path)
+        except (OSError, RuntimeError) as e:  # torch.save raises RuntimeError for a failed zip write (ENOSPC)
+            failures.append(f"{path}: {type(e).__name__}: {e} ({_free_space(path)})")
+
+    own = vars(writer).get("save")  # normally absent: DeepSpeed's engines define save on the class
+    writer.save = save
+    try:
+        yield failures
+    finally:
+        if own is None:
+            del writer.save
+        else:
+            writer.save = own
+
+
+def _free_space(path: str | Path) -> str:
+    """``0.0 MiB free there``: torch's zip writer reports a full disk as "unexpected pos", not ENOSPC."""
+    try:
+        return f"{shutil.disk_usage(Path(path).parent).free / 2**20:.1f} MiB free there"
+    except OSError:
+        return "free space unknown"
+
+
+def _commit(engine: Any, tag_dir: Path, step: int, client_state: dict[str, Any], keep_last: int) -> str | None:
+    """Rank 0, after every rank wrote and fsynced its files: marker, ``latest``, prune. The error text, or None."""
+    try:
+        fsync_dir(tag_dir)
         write_marker(tag_dir, {"step": step, "tag": tag_dir.name, "world_size": distributed.world_size(),
                                "zero_stage": int(engine.zero_optimization_stage()),
                                "deepspeed": _ds_version(), "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                                "config": client_state.get("config")})
-        prune(ckpt_dir, keep_last, protect=tag_dir)
+    except OSError as e:
+        return f"{tag_dir / MARKER}: {type(e).__name__}: {e}"
+    try:
+        write_atomic(tag_dir.parent / LATEST, tag_dir.name)
+        prune(tag_dir.parent, keep_last, protect=tag_dir)
+    except OSError as e:  # the checkpoint itself is complete
+        log.warning("checkpoint %s is complete, but updating %s / pruning failed: %s", tag_dir, LATEST, e)
+    return None
+
+
+def _raise_if_failed(failures_by_rank: list[list[str]], tag_dir: Path) -> None:
+    """Every rank: raise ``SaveFailed`` when any rank failed (rank 0 first removes the partial directory)."""
+    bad = [(rank, f) for rank, failures in enumerate(failures_by_rank) for f in failures]
+    if not bad:
+        return
+    if distributed.rank() == 0:
+        with contextlib.suppress(OSError):
+            _remove_checkpoint(tag_dir)
     distributed.barrier()
-    return tag_dir
+    rank, first = bad[0]
+    more = f" (and {len(bad) - 1} more failed writes)" if len(bad) > 1 else ""
+    raise SaveFailed(f"could not write checkpoint {tag_dir} on rank {rank}: {first}{more}")
 
 
 def prune(ckpt_dir: str | Path, keep_last: int, protect: Path | None = None) -> list[Path]:
@@ -246,18 +397,27 @@ def needs_universal(tag_dir: str | Path, world_size: int | None = None) -> bool:
     return int(marker["world_size"]) != (world_size or distributed.world_size())
 
 
-def ensure_universal(tag_dir: str | Path, world_size: int | None = None) -> Path:
+def ensure_universal(tag_dir: str | Path, world_size: int | None = None,
+                     should_stop: Callable[[], bool] | None = None) -> Path:
     """Return a directory loadable on the current world size; convert to a universal checkpoint if needed.
 
     Same world size: ``tag_dir`` itself. Otherwise rank 0 runs DeepSpeed's converter into
-    ``<tag_dir>_universal`` (once; an existing complete conversion is reused) while the other ranks watch the
-    shared file system for its marker (or rank 0's failure note), with no deadline: converting a large ZeRO
-    checkpoint may take longer than the process-group timeout, so they do not wait in a collective. Call on every
-    rank, after the process group exists, before ``build_engine``. The caller must then set
-    ``ds_config["checkpoint"] = {"load_universal": True}`` and call ``load(..., load_universal=True)``.
+    ``<tag_dir>_universal`` (once: a complete conversion is reused, also one made by hand with
+    ``ds_to_universal``, which then gets its marker) while the other ranks watch the shared file system for its
+    marker (or rank 0's failure note), with no deadline: converting a large ZeRO checkpoint may take longer than
+    the process-group timeout, so they do not wait in a collective. Call on every rank, after the process group
+    exists, before ``build_engine``. The caller must then set ``ds_config["checkpoint"] = {"load_universal": True}``
+    and call ``load(..., load_universal=True)``.
+
+    Args:
+        tag_dir: a complete checkpoint.
+        world_size: the world size to load on (default: the current one).
+        should_stop: polled about once a second during the conversion (or the wait for it): True (a preemption
+            signal, a stop file) stops the converter and raises ``Stopped`` on every rank.
 
     Raises:
         CheckpointError: the checkpoint is incomplete or the conversion failed (on every rank).
+        Stopped: a stop was requested during the conversion; nothing is lost (the next job converts again).
     """
     tag_dir = Path(tag_dir)
     if not needs_universal(tag_dir, world_size):
@@ -269,32 +429,58 @@ def ensure_universal(tag_dir: str | Path, world_size: int | None = None) -> Path
     distributed.barrier()  # no rank reads a failure note left by an earlier attempt
     if distributed.rank() == 0 and read_marker(out) is None:
         try:
-            convert_to_universal(tag_dir, out)
-        except CheckpointError as e:
-            failed.write_text(str(e))
+            if finished_conversion(tag_dir, out):
+                log.info("reusing the universal conversion %s (made by hand)", out)
+                write_marker(out, dict(_require_marker(tag_dir), universal=True, source=tag_dir.name))
+            else:
+                convert_to_universal(tag_dir, out, should_stop)
+        except (CheckpointError, Stopped) as e:
+            failed.write_text(f"{'stopped' if isinstance(e, Stopped) else 'failed'}: {e}")
             raise
-    _wait_for_conversion(out, failed)
+    _wait_for_conversion(out, failed, should_stop=should_stop)
     distributed.barrier()
     return out
 
 
-def _wait_for_conversion(out: Path, failed: Path, poll_s: float = 2.0, report_s: float = 60.0) -> None:
-    """Block until ``out`` has its marker; raise if rank 0 wrote the failure note ``failed`` instead."""
+def finished_conversion(tag_dir: Path, out: Path) -> bool:
+    """Whether ``out`` holds a finished ``ds_to_universal`` conversion of ``tag_dir`` without our marker: its last
+    step copies the model-state files, so all of them are there at full size."""
+    states = sorted(tag_dir.glob("*model_states.pt"))
+    if not states or not (out / "zero").is_dir():
+        return False
+    return all((out / f.name).is_file() and (out / f.name).stat().st_size == f.stat().st_size for f in states)
+
+
+def _wait_for_conversion(out: Path, failed: Path, poll_s: float = 2.0, report_s: float = 60.0,
+                         should_stop: Callable[[], bool] | None = None) -> None:
+    """Block until ``out`` has its marker; raise if rank 0 wrote the failure note ``failed`` instead, or on a stop."""
     start = last = time.monotonic()
     while read_marker(out) is None:
         if failed.exists():
-            raise CheckpointError(f"universal conversion to {str(out)!r} failed on rank 0: {failed.read_text()}")
+            note = failed.read_text()
+            if note.startswith("stopped"):
+                raise Stopped(f"rank 0 stopped the universal conversion to {str(out)!r}: {note}")
+            note = note.removeprefix("failed: ")
+            raise CheckpointError(f"universal conversion to {str(out)!r} failed on rank 0: {note}")
+        if should_stop is not None and should_stop():
+            raise Stopped(f"stop requested while waiting for the universal conversion to {str(out)!r}")
         if time.monotonic() - last > report_s:
             last = time.monotonic()
             log.info("waiting for rank 0 to convert %s (%.0f s so far)", out, last - start)
         time.sleep(poll_s)
 
 
-def convert_to_universal(tag_dir: str | Path, out: str | Path) -> Path:
+def convert_to_universal(tag_dir: str | Path, out: str | Path, should_stop: Callable[[], bool] | None = None) -> Path:
     """Run ``python -m deepspeed.checkpoint.ds_to_universal`` on ``tag_dir``; atomically produce ``out``.
 
-    Converts into ``<out>.tmp``, adds a ``COMPLETE`` marker (the source's plus ``"universal": true``), then
-    renames it to ``out``. Single process; no process group needed.
+    Converts into ``<out>.tmp``, adds a ``COMPLETE`` marker (the source's plus ``"universal": true``), renames it to
+    ``out`` and points DeepSpeed's ``latest_universal`` at it. Single process; no process group needed.
+
+    Raises:
+        CheckpointError: the converter failed (its output's tail is in the message).
+        Stopped: ``should_stop()`` became True, or the converter was killed by a signal while a stop was
+            requested (SLURM signals every process of the job step): the converter is ended and ``<out>.tmp``
+            removed.
     """
     tag_dir, out = Path(tag_dir), Path(out)
     marker = _require_marker(tag_dir)
@@ -304,14 +490,40 @@ def convert_to_universal(tag_dir: str | Path, out: str | Path) -> Path:
     cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
            "--output_folder", str(tmp), "--num_extract_workers", workers, "--num_merge_workers", workers]
     log.info("converting %s to a universal checkpoint: %s", tag_dir, " ".join(cmd))
-    result = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        tail = (result.stdout + result.stderr)[-3000:]
-        raise CheckpointError(f"universal conversion of {str(tag_dir)!r} failed (exit {result.returncode}):\n{tail}")
+    with tempfile.TemporaryFile("w+") as output:
+        returncode = _run_stoppable(cmd, output, should_stop)
+        output.seek(0)
+        tail = output.read()[-3000:]
+    stop = should_stop is not None and should_stop()
+    if returncode is None or (returncode < 0 and stop):
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise Stopped(f"stop requested during the universal conversion of {str(tag_dir)!r}; nothing is lost, the "
+                      "next job converts again")
+    if returncode != 0:
+        raise CheckpointError(f"universal conversion of {str(tag_dir)!r} failed (exit {returncode}):\n{tail}")
     write_marker(tmp, dict(marker, universal=True, source=tag_dir.name))
     _remove_checkpoint(out)
     os.replace(tmp, out)
+    fsync_dir(out.parent)
+    write_atomic(out.parent / LATEST_UNIVERSAL, out.name)  # ds_to_universal pointed it at the .tmp folder
     return out
+
+
+def _run_stoppable(cmd: list[str], output: Any, should_stop: Callable[[], bool] | None) -> int | None:
+    """Run ``cmd`` to the end (its exit code) or until ``should_stop()`` (then end it and return None)."""
+    proc = subprocess.Popen(cmd, stdout=output, stderr=subprocess.STDOUT)
+    while True:
+        try:
+            return proc.wait(timeout=1.0)
+        except subprocess.TimeoutExpired:
+            if should_stop is not None and should_stop():
+                proc.terminate()
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+                return None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -377,10 +589,10 @@ def _repair_optimizer(engine: Any, hyper: list[dict[str, Any]]) -> None:
 
 
 def _require_marker(tag_dir: str | Path) -> dict[str, Any]:
-    marker = read_marker(tag_dir)
-    if marker is None:
-        raise CheckpointError(f"{str(tag_dir)!r} is not a complete checkpoint (no readable {MARKER} marker)")
-    return marker
+    problem = marker_problem(tag_dir)
+    if problem is not None:
+        raise CheckpointError(f"{str(tag_dir)!r} is not a complete checkpoint: {problem}")
+    return read_marker(tag_dir)
 
 
 # ----------------------------------------------------------------------------------------------------------------

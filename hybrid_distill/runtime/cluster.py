@@ -1,17 +1,18 @@
-"""Cluster integration: rank discovery (deepspeed launcher, torchrun, SLURM, single process) and preemption.
+"""Cluster integration: rank discovery (deepspeed launcher, torchrun, SLURM, single process), preemption, exit codes.
 
 The trainer calls, in this order::
 
+    hold_stop_signals(early)                       # launch.py, first lines: signals are stop requests from here on
+    stop = StopRequest().install()                 # train.main, before torch is imported (and before data-loader
+    stop.add_stop_file(run_dir / "STOP")           # workers fork, so they inherit the flag-only handlers)
     env = cluster.setup_dist_env()                 # RANK/LOCAL_RANK/WORLD_SIZE/MASTER_* in os.environ
-    stop = cluster.StopRequest(stop_file=run_dir / "STOP").install()   # early: before the (long) start-up and
-                                                                       # before data-loader workers fork
     deepspeed.init_distributed(dist_backend=backend, timeout=cluster.dist_timeout())
     for step in ...:
         ...
         if stop.should_stop(device):             # every rank, at every step boundary: one tiny all_reduce
             save_checkpoint()                      # complete on every rank before anyone exits
             dist.barrier()                         # after the last file is written (logs, plots) ...
-            sys.exit(cluster.EXIT_REQUEUE)         # ... so all ranks exit 75 together; the scripts requeue
+            return cluster.EXIT_REQUEUE            # ... so all ranks exit 75 together; the scripts requeue
 
 Rank discovery (docs/dependencies.md): ``RANK`` set means a launcher (deepspeed, torchrun) already did the work. Else a
 SLURM task started by ``srun`` (``SLURM_STEP_ID`` set) is mapped: ``SLURM_PROCID/LOCALID`` and the step's task
@@ -21,7 +22,9 @@ Anything else is a single process.
 
 Preemption: SLURM sends SIGUSR1 (``--signal``) or SIGTERM (preemption, ``scancel``, time limit); the
 deepspeed-launcher variant cannot pass SIGUSR1 through the launcher, so its batch shell creates a stop file
-(``HD_STOP_FILE``) instead. ``StopRequest`` only records the request; ``should_stop`` makes every rank agree.
+(``HD_STOP_FILE``) instead, as ``launchers/single_node.sh`` does for SIGTERM, SIGUSR1 and Ctrl-C. A rank started
+by DeepSpeed's launcher also treats that launcher's exit as a request (it forwards no signal on one node).
+``StopRequest`` only records the request; ``should_stop`` makes every rank agree.
 
 Also a small CLI for the sbatch scripts: ``python -m hybrid_distill.runtime.cluster master-addr`` (``master-port``) and
 ``python -m hybrid_distill.runtime.cluster hostfile --slots N --out FILE``.
@@ -42,6 +45,14 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from hybrid_distill.errors import ConfigError
+
+# Exit codes of the trainer (the README's table), in one place: the launchers and the SLURM scripts act on them.
+EXIT_BAD_INPUT = 2  # bad input (config, files, a checkpoint that does not fit, a run directory in use)
+EXIT_NONFINITE = 3  # too many non-finite losses in a row; nothing saved: the newest checkpoint is the last good one
+EXIT_BAD_DATA = 65  # EX_DATAERR: more undecodable samples than data.max_bad_fraction (checkpoint saved first)
+EXIT_PEER_LOST = 69  # EX_UNAVAILABLE: a rank stopped answering (named in the log)
+EXIT_IO = 74  # EX_IOERR: the run directory cannot be written (disk full, quota); older checkpoints are intact
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: "stopped on request after a checkpoint; requeue me"
 DEFAULT_DIST_TIMEOUT_S = 600.0
 # MASTER_PORT = PORT_BASE + job_id % PORT_SPAN: 12000-31999, below Linux's ephemeral range (32768-60999), where
@@ -51,8 +62,10 @@ STOP_FILE_ENV = "HD_STOP_FILE"
 STOPPED_FILE_ENV = "HD_STOPPED_FILE"
 DIST_TIMEOUT_ENV = "HD_DIST_TIMEOUT_S"
 
-_SIGNAL_CODE_BASE = 100  # stop codes: 0 none, 1 stop file, 100 + signum a signal (MAX-reduced across ranks)
+# Stop codes, MAX-reduced across ranks: 0 none, 1 stop file, 2 the DeepSpeed launcher exited, 100 + signum a signal.
+_SIGNAL_CODE_BASE = 100
 _FILE_CODE = 1
+_LAUNCHER_CODE = 2
 
 
 @dataclass(frozen=True)
@@ -265,16 +278,21 @@ def setup_dist_env(environ: MutableMapping[str, str] | None = None) -> DistEnv:
 def dist_timeout(environ: Mapping[str, str] | None = None) -> timedelta:
     """Process-group timeout: a collective that waits longer (a rank died or hung) raises instead of hanging.
 
-    Read from ``HD_DIST_TIMEOUT_S`` (seconds), default 600.
+    Read from ``HD_DIST_TIMEOUT_S`` (seconds), default 600. The same limit ends a job whose rank stopped answering
+    (``runtime.watchdog``).
+
+    Raises:
+        ConfigError: the variable is not a positive number (``train.main`` checks it before the start-up).
     """
     environ = os.environ if environ is None else environ
     raw = environ.get(DIST_TIMEOUT_ENV, "") or str(DEFAULT_DIST_TIMEOUT_S)
     try:
         seconds = float(raw)
     except ValueError:
-        raise ValueError(f"{DIST_TIMEOUT_ENV}={raw!r} must be a number of seconds") from None
-    if seconds <= 0:
-        raise ValueError(f"{DIST_TIMEOUT_ENV}={raw!r} must be > 0")
+        seconds = float("nan")
+    if not seconds > 0 or seconds == float("inf"):
+        raise ConfigError(f"{DIST_TIMEOUT_ENV}={raw!r} must be a positive number of seconds (default "
+                          f"{DEFAULT_DIST_TIMEOUT_S:.0f})")
     return timedelta(seconds=seconds)
 
 
@@ -282,55 +300,81 @@ def dist_timeout(environ: Mapping[str, str] | None = None) -> timedelta:
 # Preemption
 
 
-class StopRequest:
-    """A stop request from SLURM (SIGUSR1/SIGTERM) or a stop file, agreed on by all ranks.
+class Stopped(Exception):
+    """Raised where a stop request ends work that cannot wait for a step boundary (a universal conversion):
+    nothing was lost, the job exits ``EXIT_REQUEUE``."""
 
-    The signal handlers only set a flag (no I/O but one ``os.write`` to stderr); ``should_stop`` polls the
-    stop files and, when ``torch.distributed`` is initialised, MAX-reduces the local request code over the
-    default group so that every rank stops at the same step. Once agreed, the answer stays True and rank 0
+
+_HELD: list[int] = []  # stop signals received before StopRequest.install (see hold_stop_signals)
+
+
+def hold_stop_signals(received: Iterable[int] = (),
+                      signals: Iterable[signal.Signals] = (signal.SIGUSR1, signal.SIGTERM)) -> None:
+    """Record SIGUSR1/SIGTERM from the first lines of an entry point until ``StopRequest.install`` takes them over.
+
+    ``launch.py`` installs a list-appending handler as its first statement (before any import but ``signal``) and
+    hands the signals it got to this function, so a preemption signal while Python imports the trainer is a stop
+    request, not a kill. Only the interpreter's own start (about 0.1 s) is uncovered.
+
+    Args:
+        received: signal numbers already received by the entry point's own early handler.
+        signals: the signals to hold.
+    """
+    _HELD.extend(received)
+    for sig in signals:
+        signal.signal(sig, lambda signum, frame: _HELD.append(signum))
+
+
+class StopRequest:
+    """A stop request, agreed on by all ranks: SLURM's SIGUSR1/SIGTERM, a stop file, or the DeepSpeed launcher gone.
+
+    The signal handlers only set a flag (no I/O but one ``os.write`` to stderr); ``should_stop`` polls the stop
+    files and the launcher and, when ``torch.distributed`` is initialised, MAX-reduces the local request code over
+    the default group so that every rank stops at the same step. Once agreed, the answer stays True and rank 0
     (a) deletes the stop files (a stop file is a one-shot request: the resumed run must not stop at once) and
     (b) writes the reason to ``stopped_file``: the sbatch scripts requeue a job whose training step failed
     after an agreed stop even when srun reports a task killed during shutdown (137/143) instead of 75.
 
+    The DeepSpeed launcher (``deepspeed``, i.e. ``deepspeed.launcher.runner``) forwards no signal on one node: a
+    SIGTERM kills it at once and leaves its ranks running. So a rank started by it watches the launcher processes
+    above it (``deepspeed.launcher.launch`` and the runner) and treats their exit as a stop request.
+
     Args:
         stop_file: a path whose existence requests a stop (e.g. ``<run_dir>/STOP``). ``$HD_STOP_FILE`` (set by
-            the sbatch scripts; the deepspeed-launcher variant's batch shell creates it on SIGUSR1) is polled
+            the launcher scripts; the deepspeed-launcher variant's batch shell creates it on SIGUSR1) is polled
             as well. Both must be on a file system every rank sees.
         stopped_file: written by rank 0 once all ranks agreed to stop (default: ``$HD_STOPPED_FILE``).
         signals: the signals to handle.
-        check_every: with ``step`` given to ``should_stop``, only reduce on steps divisible by this
-            (every rank must pass the same steps).
     """
 
     DEFAULT_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGUSR1, signal.SIGTERM)
 
     def __init__(self, stop_file: str | os.PathLike[str] | None = None,
-                 signals: Iterable[signal.Signals] = DEFAULT_SIGNALS, check_every: int = 1,
+                 signals: Iterable[signal.Signals] = DEFAULT_SIGNALS,
                  stopped_file: str | os.PathLike[str] | None = None) -> None:
-        if check_every < 1:
-            raise ValueError(f"check_every must be >= 1, got {check_every}")
-        files = [Path(stop_file)] if stop_file is not None and str(stop_file) else []
-        files += [Path(os.environ[STOP_FILE_ENV])] if os.environ.get(STOP_FILE_ENV) else []
-        self.stop_files: tuple[Path, ...] = tuple(dict.fromkeys(files))
+        self.stop_files: tuple[Path, ...] = ()
+        self.add_stop_file(stop_file)
+        self.add_stop_file(os.environ.get(STOP_FILE_ENV))
         self.stopped_file = _optional_path(stopped_file, STOPPED_FILE_ENV)
-        self._seen_file: Path | None = None
         self.signals = tuple(signals)
-        self.check_every = check_every
+        self._seen_file: Path | None = None
+        self._gone: str | None = None
         self._local_code = 0
         self._agreed_code = 0
-        self._previous: dict[int, Any] = {}
+        self._launchers = launcher_processes()
 
     def install(self) -> StopRequest:
-        """Install the signal handlers (main thread only); returns self."""
+        """Install the signal handlers (main thread only), taking over signals held since ``hold_stop_signals``."""
         for sig in self.signals:
-            self._previous[sig] = signal.signal(sig, self._handle)
+            signal.signal(sig, self._handle)
+        while _HELD:
+            self._handle(_HELD.pop(0), None)
         return self
 
-    def uninstall(self) -> None:
-        """Restore the handlers that were in place before ``install``."""
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
+    def add_stop_file(self, path: str | os.PathLike[str] | None) -> None:
+        """Poll ``path`` too (once the run directory is known)."""
+        if path is not None and str(path):
+            self.stop_files = tuple(dict.fromkeys((*self.stop_files, Path(path))))
 
     def _handle(self, signum: int, frame: Any) -> None:
         self._local_code = max(self._local_code, _SIGNAL_CODE_BASE + signum)
@@ -338,32 +382,27 @@ class StopRequest:
         os.write(2, f"[hybrid_distill] pid {os.getpid()} received {name}: checkpoint and stop at the next "
                     "step boundary\n".encode())
 
-    def request(self) -> None:
-        """Request a stop from code (as the stop file would)."""
-        self._local_code = max(self._local_code, _FILE_CODE)
-
-    @property
     def local_requested(self) -> bool:
-        """Whether this process received a signal or sees the stop file (no collective)."""
+        """Whether this process received a signal, sees a stop file or lost its launcher (no collective)."""
+        if self._local_code < _LAUNCHER_CODE:
+            self._gone = next((what for pid, start, what in self._launchers if not _alive(pid, start)), None)
+            if self._gone is not None:
+                self._local_code = _LAUNCHER_CODE
         if self._local_code == 0:
             self._seen_file = next((path for path in self.stop_files if path.exists()), None)
             self._local_code = _FILE_CODE if self._seen_file is not None else 0
         return self._local_code > 0
 
-    def should_stop(self, device: Any = None, step: int | None = None) -> bool:
+    def should_stop(self, device: Any = None) -> bool:
         """True on every rank once any rank has a request; call it on all ranks at each step boundary.
 
         Args:
             device: where the one-element tensor for the all_reduce lives (the engine's device: a CUDA
                 device under NCCL, ``"cpu"`` under gloo). Default: cpu.
-            step: the current step; with ``check_every > 1`` the collective only runs when
-                ``step % check_every == 0``.
         """
         if self._agreed_code:
             return True
-        if step is not None and step % self.check_every != 0:
-            return False
-        self.local_requested  # noqa: B018 - polls the stop file
+        self.local_requested()
         self._agreed_code = _all_reduce_max(self._local_code, device)
         if self._agreed_code and _global_rank() == 0:
             self._acknowledge()
@@ -371,10 +410,19 @@ class StopRequest:
 
     def _acknowledge(self) -> None:
         """Rank 0, once agreed: consume the stop files, leave the marker for the sbatch scripts."""
-        for path in self.stop_files:
-            path.unlink(missing_ok=True)
+        self.discard_stop_files()
         if self.stopped_file is not None:
             self.stopped_file.write_text(f"{self.reason}\n")
+
+    def discard_stop_files(self) -> list[Path]:
+        """Delete the stop files (rank 0: once the ranks agreed, and when the job ends); returns those removed.
+
+        A stop file touched after the last step (or while the job fails) would otherwise stop the next job at once.
+        """
+        removed = [path for path in self.stop_files if path.exists()]
+        for path in removed:
+            path.unlink(missing_ok=True)
+        return removed
 
     @property
     def reason(self) -> str | None:
@@ -382,9 +430,60 @@ class StopRequest:
         code = self._agreed_code or self._local_code
         if not code:
             return None
-        what = (f"signal {signal.Signals(code - _SIGNAL_CODE_BASE).name}" if code >= _SIGNAL_CODE_BASE
-                else f"stop file {self._seen_file}" if self._seen_file else "stop requested")
+        if code >= _SIGNAL_CODE_BASE:
+            what = f"signal {signal.Signals(code - _SIGNAL_CODE_BASE).name}"
+        elif code == _LAUNCHER_CODE:
+            what = f"{self._gone} exited" if self._gone else "the DeepSpeed launcher exited"
+        else:
+            what = f"stop file {self._seen_file}" if self._seen_file else "stop requested"
         return what if code == self._local_code else f"{what} (received by another rank)"
+
+
+def launcher_processes(pid: int | None = None) -> list[tuple[int, int, str]]:
+    """``(pid, start time, description)`` of the DeepSpeed launcher processes above process ``pid`` (default: this
+    one): ``deepspeed.launcher.launch`` (its parent) and the runner above that; empty when not started by it."""
+    parent = _ppid(pid or os.getpid())
+    if parent is None or "deepspeed.launcher.launch" not in _cmdline(parent):
+        return []
+    found = [(parent, process_start_time(parent), f"the DeepSpeed per-node launcher (pid {parent})")]
+    runner = _ppid(parent)
+    if runner is not None and runner > 1 and "deepspeed" in _cmdline(runner):
+        found.append((runner, process_start_time(runner), f"the deepspeed launcher (pid {runner})"))
+    return [(p, start, what) for p, start, what in found if start is not None]
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    """Fields of ``/proc/PID/stat`` after the command name (field 3, the state, first), or None."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text.rsplit(")", 1)[1].split()
+
+
+def _ppid(pid: int) -> int | None:
+    fields = _proc_stat(pid)
+    return int(fields[1]) if fields else None
+
+
+def process_start_time(pid: int) -> int | None:
+    """Start time of ``pid`` in clock ticks since boot (tells a process from a later one with the same pid), or
+    None when there is no such process."""
+    fields = _proc_stat(pid)
+    return int(fields[19]) if fields else None
+
+
+def _alive(pid: int, start: int) -> bool:
+    """``pid`` still runs (not a zombie) and is the same process that had start time ``start``."""
+    fields = _proc_stat(pid)
+    return fields is not None and fields[0] not in ("Z", "X") and int(fields[19]) == start
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
 
 
 def _optional_path(value: str | os.PathLike[str] | None, env_key: str) -> Path | None:

@@ -87,3 +87,9 @@ def init(device: torch.device, timeout: timedelta) -> None:
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", timeout=timeout)
+
+
+def close() -> None:
+    """Destroy the default process group (every rank is past its last collective), as torch asks before exit."""
+    if initialized():
+        dist.destroy_process_group()

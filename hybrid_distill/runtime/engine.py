@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from hybrid_distill.config import Config, peak_lr  # peak_lr: re-exported (engine.peak_lr)
-from hybrid_distill.config.files import check_ds_config_file
+from hybrid_distill.config.files import check_known_keys, read_ds_config
 from hybrid_distill.errors import ConfigError
 
 # Sections that would make DeepSpeed build its own optimizer or scheduler; we pass a client optimizer and
@@ -141,13 +141,13 @@ def _check_zero_stage(ds: dict[str, Any], path: str | Path) -> None:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    check_ds_config_file(path)
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"DeepSpeed config {str(path)!r} is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"DeepSpeed config {str(path)!r} must hold a JSON object")
+    data = read_ds_config(path)
+    if isinstance(data.get("zero_optimization"), dict):
+        from deepspeed.runtime.zero.config import DeepSpeedZeroConfig  # what DeepSpeed accepts (extra="forbid")
+
+        fields = DeepSpeedZeroConfig.model_fields
+        known = {n for name, f in fields.items() for n in (name, f.alias, f.validation_alias) if isinstance(n, str)}
+        check_known_keys(data["zero_optimization"], known, path, "DeepSpeed refuses it", prefix="zero_optimization.")
     return data
 
 

@@ -25,15 +25,18 @@ import logging
 import math
 import os
 import re
+import secrets
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from hybrid_distill.config import RunConfig
+from hybrid_distill.runtime.durable import write_atomic
 
 LOGGER_NAME = "hybrid_distill"
 log = logging.getLogger(f"{LOGGER_NAME}.metrics")
+WANDB_ID_FILE = "wandb_run_id"  # one W&B run per run directory: every resume and requeue continues it
 
 # key -> (label, format); the plain line lists these first, in this order, then the other keys.
 LABELS: dict[str, tuple[str, str]] = {
@@ -61,6 +64,17 @@ class _ConsoleFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return getattr(record, "console", True)
+
+
+class _RunLogHandler(logging.FileHandler):
+    """``train.log``: a write that fails (a full disk) is reported once on stderr, not as a traceback per record."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if not getattr(self, "_failed", False):
+            self._failed = True
+            error = sys.exc_info()[1]
+            print(f"[hybrid_distill] could not write {self.baseFilename} ({type(error).__name__}: {error}); its log "
+                  "lines go to stderr only", file=sys.stderr, flush=True)
 
 
 class _TqdmHandler(logging.StreamHandler):
@@ -104,7 +118,7 @@ def setup_logging(run_dir: str | Path, is_main: bool, rank: int | None = None) -
     logger.addHandler(console)
     if is_main:
         Path(run_dir).mkdir(parents=True, exist_ok=True)
-        file_handler = logging.FileHandler(Path(run_dir) / "train.log")
+        file_handler = _RunLogHandler(Path(run_dir) / "train.log")
         file_handler.setFormatter(fmt)
         logger.addHandler(file_handler)
     return logger
@@ -202,6 +216,7 @@ class MetricsLogger:
         self._file = self._tb = self._wandb = self._bar = None
         self._clock = (time.monotonic(), initial_step)  # ETA reference: (time, step), moved to the first train row
         self._first_row = True
+        self._write_failed = False
         if not is_main:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -225,7 +240,8 @@ class MetricsLogger:
         except ImportError:
             log.warning("run.wandb=true but wandb is not installed (pip install wandb); logging without W&B")
             return None
-        return wandb.init(project=self.cfg.wandb_project, dir=str(self.run_dir), config=config, name=self.run_dir.name)
+        return wandb.init(project=self.cfg.wandb_project, dir=str(self.run_dir), config=config, name=self.run_dir.name,
+                          id=wandb_run_id(self.run_dir), resume="allow")
 
     def log(self, step: int, values: dict[str, Any], group: str = "train") -> None:
         """Record ``values`` (floats/ints, 0-d tensors accepted) at optimizer step ``step``.
@@ -239,8 +255,14 @@ class MetricsLogger:
         if not self.is_main:
             return
         row = {"step": int(step), **{k: _jsonable(v) for k, v in values.items()}}
-        self._file.write(json.dumps(row) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(row) + "\n")
+            self._file.flush()
+        except OSError as e:  # a full disk: training goes on; the next checkpoint save reports it (exit 74)
+            if not self._write_failed:
+                log.warning("could not append to %s (%s); metrics rows are lost until it is writable again",
+                            self.path, e)
+            self._write_failed = True
         numeric = {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))}
         if self._tb is not None:
             for key, value in numeric.items():
@@ -275,18 +297,43 @@ class MetricsLogger:
         self._bar.refresh()
 
     def close(self) -> None:
-        """Write ``loss.png`` from ``metrics.jsonl`` and close every writer (safe to call twice)."""
+        """Write ``loss.png`` from ``metrics.jsonl`` and close every writer (safe to call twice, never raises on a full
+        disk: the run's outcome is decided elsewhere)."""
         if not self.is_main or self._file is None:
             return
-        self._file.close()
+        closers = [self._file.close] + [w.close for w in (self._bar, self._tb) if w is not None]
+        closers += [self._wandb.finish] if self._wandb is not None else []
         self._file = None
-        if self._bar is not None:
-            self._bar.close()
-        if self._tb is not None:
-            self._tb.close()
-        if self._wandb is not None:
-            self._wandb.finish()
-        plot_losses(self.path, self.run_dir / "loss.png")
+        for close in closers:
+            _quietly(close, "closing the run's logs")
+        _quietly(lambda: plot_losses(self.path, self.run_dir / "loss.png"), f"writing {self.run_dir / 'loss.png'}")
+
+
+def _quietly(action: Any, what: str) -> None:
+    """Run ``action``; an ``OSError`` (full disk, vanished directory) is only logged."""
+    try:
+        action()
+    except OSError as e:
+        log.warning("%s failed: %s: %s", what, type(e).__name__, e)
+
+
+def wandb_run_id(run_dir: str | Path) -> str:
+    """The W&B run id of ``run_dir``: read from ``<run_dir>/wandb_run_id``, or made and written there once."""
+    path = Path(run_dir) / WANDB_ID_FILE
+    if path.is_file() and path.read_text().strip():
+        return path.read_text().strip()
+    run_id = secrets.token_hex(4)
+    write_atomic(path, run_id + "\n")
+    return run_id
+
+
+def count_rows(path: str | Path) -> int:
+    """Non-empty lines of a ``metrics.jsonl`` (0 when it does not exist)."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    with path.open("rb") as f:
+        return sum(1 for line in f if line.strip())
 
 
 def _parse_rows(path: Path) -> tuple[list[tuple[str, dict[str, Any]]], int]:
@@ -318,9 +365,7 @@ def truncate_after(path: Path, step: int) -> None:
     rows, bad = _parse_rows(path)
     kept = [line for line, row in rows if int(row["step"]) <= step]
     if len(kept) < len(rows) or bad:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(f"{line}\n" for line in kept))
-        os.replace(tmp, path)
+        write_atomic(path, "".join(f"{line}\n" for line in kept))  # on a full disk: OSError, the file as it was
         if len(kept) < len(rows):
             log.info("dropped %d rows after step %d from %s (steps to be trained again)", len(rows) - len(kept), step,
                      path)
