@@ -21,8 +21,7 @@ from pathlib import Path
 
 from hybrid_distill.config import Config, EvalConfig, validate
 from hybrid_distill.errors import ConfigError, HybridDistillError
-
-EXIT_BAD_INPUT = 2
+from hybrid_distill.runtime.cluster import EXIT_BAD_INPUT
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

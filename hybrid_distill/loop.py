@@ -5,8 +5,9 @@
     run_job(cfg, args, stop)  ->  build_run  ->  restore  ->  train  ->  train_step  ->  task.losses
                                                                       ->  save (every ckpt_every)  ->  finish (export)
 
-With an ``eval`` section, ``build_monitor`` opens the evaluation sets first, a fresh run evaluates the untrained
-student (``evaluate_start``) and ``train`` evaluates every ``eval.every`` steps, before that step's checkpoint.
+With an ``eval`` section, ``build_run`` opens the evaluation sets (``build_monitor``) after the cheap checks and
+before the teachers load; ``train`` evaluates the untrained student of a fresh run (``evaluate_start``) and then
+every ``eval.every`` steps, before that step's checkpoint.
 
 Everything that talks to other ranks goes through ``runtime`` (engine, checkpoint, distributed, cluster); the
 model code (``model.task``) never does.
@@ -84,6 +85,7 @@ class Run:
     flops_per_image: float = 0.0  # model FLOPs of one image's step (hybrid_distill.model.flops)
     peak_tflops: float | None = None  # this device's dense bf16 peak (None: unknown, no MFU logged)
     bad_samples: int = 0  # undecodable samples so far, all ranks (check_data)
+    monitor: OnlineEval | None = None  # the online evaluation (the eval section), or None
 
 
 def pick_device(env: cluster.DistEnv) -> torch.device:
@@ -123,6 +125,7 @@ def build_run(cfg: Config, args: argparse.Namespace, env: cluster.DistEnv, devic
     if universal:  # saved by another number of processes: DeepSpeed's universal checkpoint
         resume = checkpoint.ensure_universal(resume, env.world_size, stop.local_requested if stop else None)
         ds_config["checkpoint"] = {"load_universal": True}
+    monitor = build_monitor(cfg, env, device)  # its sets opened and checked before the teachers load
     seed_everything(cfg.run.seed)
     task = HybridDistillTask(cfg)
     dtype = getattr(torch, cfg.run.teacher_dtype) if device.type == "cuda" else torch.float32
@@ -137,7 +140,8 @@ def build_run(cfg: Config, args: argparse.Namespace, env: cluster.DistEnv, devic
     warmup = round(cfg.optim.warmup_epochs * steps_per_epoch)
     run = Run(cfg, env, device, run_dir, task, loader, eng, accum, total, steps_per_epoch, warmup,
               engine.peak_lr(cfg), flops_per_image=sum(flops.step_flops(flops.task_shapes(task)).values()),
-              peak_tflops=flops.peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None)
+              peak_tflops=flops.peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None,
+              monitor=monitor)
     return run, resume, universal
 
 
@@ -156,18 +160,20 @@ def check_compile_backend(cfg: Config) -> None:
 def compile_run(task: HybridDistillTask, eng: object, cfg: Config) -> None:
     """``run.compile``: the student + head inside the engine (``engine.compile``: DeepSpeed compiles its module in
     place and keeps its ZeRO hooks out of the graph), the teachers' forwards and the loss (``task.compile_forwards``).
-    Shapes are static: N' is fixed for the run."""
+    Shapes are static: N' is fixed for the run.
+
+    Under ZeRO-3 the student stays eager: DeepSpeed's gather hooks break its graph at every module (362 breaks in
+    33 graphs for the tiny student) and the first two steps took 45 s + 267 s on the CPU, against 2 s eager
+    (docs/performance.md); the teachers and the loss, which ZeRO does not manage, are still compiled.
+    """
     if cfg.run.compile == "none":
         return
     options = compile_options(cfg.run)
     if eng.zero_optimization_partition_weights():
-        # ZeRO-3 gathers a parameter when its module runs, or eagerly when it is read; the student's CLS token and
-        # position embedding are read by its forward, inside the graph: gather them with the module's forward.
-        from deepspeed.runtime.zero import register_external_parameter
-
-        for param in task.trainable.student.parameters(recurse=False):
-            register_external_parameter(task.trainable, param)
-    eng.compile(backend=options["backend"], compile_kwargs={k: v for k, v in options.items() if k != "backend"})
+        log.warning("run.compile under ZeRO-3: the student stays eager (DeepSpeed's gather hooks would break its "
+                    "graph at every module); the teachers and the loss are compiled. Use ZeRO-1/2 to compile it")
+    else:
+        eng.compile(backend=options["backend"], compile_kwargs={k: v for k, v in options.items() if k != "backend"})
     task.compile_forwards(**options)
     log.info("torch.compile: %s", options)
 
@@ -391,20 +397,23 @@ def check_data(run: Run) -> str | None:
     return run.loader.bad_fraction_problem(bad, read)
 
 
-def train(run: Run, stop: cluster.StopRequest, logger: metrics.MetricsLogger, monitor: OnlineEval | None = None,
-          watchdog: Watchdog | None = None) -> int:
+def train(run: Run, stop: cluster.StopRequest, logger: metrics.MetricsLogger, watchdog: Watchdog | None = None
+          ) -> int:
     """Run until ``total_steps``, a stop request, too many non-finite losses or bad samples; returns the exit code.
 
     Exit 3 (non-finite) saves nothing: the weights that produced those losses are not a resumable checkpoint, and
     the last good checkpoint stays the newest one. Exit 65 (bad data) saves first. A checkpoint that cannot be
-    written ends the run with exit 74. With a ``monitor``, every step it names is evaluated after the step's log
-    line and before its checkpoint, so a checkpoint's step always has its evaluation row and a resume never repeats
-    it.
+    written ends the run with exit 74. With ``run.monitor``, a fresh run first evaluates the untrained student
+    (step 0), and every step the monitor names is evaluated after the step's log line and before its checkpoint,
+    so a checkpoint's step always has its evaluation row and a resume never repeats it.
     """
     cfg = run.cfg.run
     if stop.should_stop(run.device):  # requested during the start-up: nothing was trained, nothing to save
         log.info("stopping before step %d (%s); resume with --resume auto", run.step + 1, stop.reason)
         return EXIT_REQUEUE
+    monitor = run.monitor
+    if monitor is not None and run.step == 0:
+        evaluate_start(run, monitor, logger)
     data = batches(run)
     first_step = run.step
     t_last, step_last = time.perf_counter(), run.step
@@ -560,7 +569,6 @@ def run_job(cfg: Config, args: argparse.Namespace, stop: cluster.StopRequest) ->
 def _run_job(cfg: Config, args: argparse.Namespace, stop: cluster.StopRequest, env: cluster.DistEnv,
              device: torch.device, watchdog: Watchdog) -> int:
     try:
-        monitor = build_monitor(cfg, env, device)
         run, resume, universal = build_run(cfg, args, env, device, stop)
     except HybridDistillError as e:
         log.error("error: %s", e)
@@ -580,9 +588,7 @@ def _run_job(cfg: Config, args: argparse.Namespace, stop: cluster.StopRequest, e
     log.info("%s | %d steps (%d per epoch), accumulation %d, world size %d", env.describe(), run.total_steps,
              run.steps_per_epoch, run.accum, env.world_size)
     try:
-        if monitor is not None and resume is None:
-            evaluate_start(run, monitor, logger)
-        code = train(run, stop, logger, monitor, watchdog)
+        code = train(run, stop, logger, watchdog)
     except Exception as e:  # a failed collective: name the rank that stopped answering, if one did
         blame = watchdog.blame(e)
         if blame is None:

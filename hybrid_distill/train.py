@@ -2,8 +2,9 @@
 
 ``main`` installs the preemption handlers, parses the command line, builds and checks the config and every file
 it names and takes the run directory's lock, all before torch is imported: ``--help`` is instant, a typo fails in a
-second with one message and exit code 2, and a signal during the start-up is a stop request. Only then does it hand
-over to the loop (``hybrid_distill.loop.run_job``).
+second with one message and exit code 2, and a signal during the start-up is a stop request. ``--print-config``
+exits before the file checks, ``--dry-run`` after them; neither takes the lock nor creates anything. Only then does
+it hand over to the loop (``hybrid_distill.loop.run_job``).
 
 Exit codes (the README's table): 0 finished; 2 bad input (config, files, checkpoints that do not fit, a run
 directory in use); 3 too many non-finite losses in a row (nothing saved: the newest checkpoint is the last good
@@ -83,10 +84,8 @@ def resolve_config(args: argparse.Namespace) -> Config:
 
 def dry_run(cfg: Config, args: argparse.Namespace) -> int:
     """``--dry-run``: print the plan (``runtime.plan``; torch is not imported), then check the named files."""
-    from hybrid_distill.config.files import check_ds_config_file
     from hybrid_distill.runtime import plan
 
-    check_ds_config_file(args.ds_config)
     print(plan.describe(cfg, args.ds_config, plan.world_size_for_plan()), flush=True)
     check_inputs(cfg, args.ds_config, args.resume)
     return 0
@@ -107,24 +106,37 @@ def resolve_resume_args(args: argparse.Namespace) -> None:
         args.resume = "none"
 
 
+def take_lock(cfg: Config) -> RunLock | None:
+    """The run directory's lock (the main rank takes it for the job; the other ranks None)."""
+    if not resolve_dist_env(os.environ, node_addr=lambda host: None, port=lambda: 0)[0].is_main:
+        return None
+    lock = RunLock(cfg.run.output_dir).acquire()
+    watchdog.BEFORE_EXIT.append(lock.release)
+    return lock
+
+
 def main(argv: list[str] | None = None) -> int:
     """Handlers, parse, check, lock, then train (``loop.run_job``). Returns the process exit code."""
     stop = StopRequest().install()  # first: a signal during the start-up is a stop request, not a kill
     args = parse_args(argv)
-    lock = None
     try:
         cfg = resolve_config(args)
         if args.print_config:  # before the file checks: inspect a config for a machine that has the data
             print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
             return 0
-        if args.dry_run:
-            return dry_run(cfg, args)
         resolve_resume_args(args)
+        if args.dry_run:  # no lock, nothing created
+            return dry_run(cfg, args)
         check_inputs(cfg, args.ds_config, args.resume)
         dist_timeout()  # HD_DIST_TIMEOUT_S
-        if resolve_dist_env(os.environ, node_addr=lambda host: None, port=lambda: 0)[0].is_main:
-            lock = RunLock(cfg.run.output_dir).acquire()
-            watchdog.BEFORE_EXIT.append(lock.release)
+    except HybridDistillError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except OSError as e:  # an unreadable --config / --ds_config
+        print(f"error: cannot read an input file ({type(e).__name__}: {e})", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        lock = take_lock(cfg)
     except HybridDistillError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -223,7 +223,13 @@ def _fast_cases(tmp_path: Path) -> list[tuple[str, list[str], dict[str, str], st
     (tmp_path / "bad.yaml").write_text("run: {max_steps: 3\n  x")
     (tmp_path / "other.yaml").write_text("preset: vitb_in1k_deit_mae\n")
     (tmp_path / "afile").touch()
+    (tmp_path / "zero0.json").write_text('{"zero_optimization": {"stage": 0}}')
+    (tmp_path / "adamw.json").write_text('{"zero_optimization": {"stage": 2}, "optimizer": {"type": "AdamW"}}')
+    (tmp_path / "a_dir.yaml").mkdir()
     return [
+        ("stage0", ["--ds_config", str(tmp_path / "zero0.json")], {}, "ZeRO stage 0, which is not supported"),
+        ("optimizer", ["--ds_config", str(tmp_path / "adamw.json")], {}, "remove the 'optimizer' section"),
+        ("not_a_file", ["--config", str(tmp_path / "a_dir.yaml")], {}, "a_dir.yaml' is not a file"),
         ("brace", [f"data.source=wds:/d/shard-{i:04d}.tar" for i in range(4)], {}, "quote it"),
         ("layers", ["masking.layers=[]"], {}, "masking.layers must be null"),
         ("timeout", [], {"HD_DIST_TIMEOUT_S": "abc"}, "HD_DIST_TIMEOUT_S='abc'"),
@@ -249,7 +255,10 @@ def test_bad_input_fails_in_a_second_with_one_line_and_exit_2(tmp_path):
 @pytest.mark.parametrize("args, needle", [
     (["loss.relation_impl=triton"], "loss.relation_impl=triton needs a CUDA GPU"),
     (["mim_teacher.model=vit_nonexistent_xx"], "mim_teacher.model='vit_nonexistent_xx' is not a timm model"),
-], ids=["triton_on_cpu", "unknown_timm_model"])
+    # the cheap checks come before the evaluation sets are opened (an hf: set can take minutes to open)
+    (["mim_teacher.model=vit_nonexistent_xx", "eval.train_source=hf:/no/such/set", "eval.val_source=hf:/no/such/set"],
+     "mim_teacher.model='vit_nonexistent_xx' is not a timm model"),
+], ids=["triton_on_cpu", "unknown_timm_model", "model_before_eval_sets"])
 def test_bad_input_found_after_torch_loads_exits_2_with_one_line(tmp_path, args, needle):
     result, _ = _launch(tmp_path, *args)
     assert result.returncode == 2, result.stderr[-3000:]

@@ -166,13 +166,14 @@ def _scenario_engine_compile(ds_config: str, steps: int, out: str) -> dict:
 
 @pytest.mark.parametrize(("ds_config", "world_size"), [("zero2.json", 1), ("zero3.json", 2)])
 def test_compiled_run_under_deepspeed_matches_eager(ds_config, world_size, tmp_path):
-    """ZeRO-2 on one process, ZeRO-3 (parameters partitioned, gathered by the engine's hooks) on two: the compiled
-    run's losses equal the eager run's, and steps 3-4 recompile nothing. Under ZeRO-3 the student's graph breaks
-    at every module whose parameters DeepSpeed gathers (its hooks are excluded from compilation)."""
+    """ZeRO-2 on one process: the student + head, both teachers and the loss are 4 graphs without a break. ZeRO-3
+    (parameters partitioned, two processes): the student stays eager (DeepSpeed's gather hooks would break its graph
+    at every module), the teachers and the loss are 3 graphs without a break. Either way the compiled run's losses
+    equal the eager run's and steps 3-4 recompile nothing."""
     ranks = run_ranks(_scenario_engine_compile, world_size=world_size, ds_config=ds_config, steps=4, out=str(tmp_path),
-                      timeout=600)  # dynamo tracing of ZeRO-3 hooks: ~40 s alone, minutes on a loaded CPU
+                      timeout=600)
+    zero3 = ds_config == "zero3.json"
     for r in ranks:
-        assert r["aot_eager_compiled"] and not r["eager_compiled"]
+        assert r["aot_eager_compiled"] is not zero3 and not r["eager_compiled"]
         assert r["aot_eager"] == pytest.approx(r["eager"], rel=1e-5)
-    if ds_config == "zero2.json":
-        assert ranks[0]["breaks"] == 0 and ranks[0]["graphs"] == 4
+        assert r["breaks"] == 0 and r["graphs"] == (3 if zero3 else 4)

@@ -62,6 +62,20 @@ def test_dry_run_states_the_warmup_steps_of_a_sized_source():
     assert "6 steps per epoch, total 24 steps, warmup 3 steps (0.5 epochs)" in out
 
 
+def test_dry_run_refuses_a_deepspeed_json_the_trainer_would_refuse_before_planning(tmp_path):
+    (tmp_path / "typo.json").write_text('{"zero_optimisation": {"stage": 2}}')
+    (tmp_path / "broken.json").write_text('{"zero_optimization": ')
+    for name, needle in (("typo.json", "did you mean 'zero_optimization'"), ("broken.json", "is not valid JSON")):
+        result = _dry_run("--preset", "tiny", "--ds_config", str(tmp_path / name))
+        assert result.returncode == 2 and needle in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr and "keep schedule" not in result.stdout
+
+
+def test_dry_run_refuses_the_resume_arguments_a_real_start_refuses(tmp_path):
+    result = _dry_run("--preset", "tiny", "--overwrite", "--resume", str(tmp_path))
+    assert result.returncode == 2 and "--overwrite starts a fresh run" in result.stderr, result.stderr
+
+
 def test_dry_run_plans_even_when_the_data_is_not_there_then_exits_2():
     result = _dry_run("--preset", "vitb_in1k_deit_mae")
     assert "keep schedule" in result.stdout

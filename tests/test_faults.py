@@ -179,11 +179,17 @@ def test_a_requeued_job_applies_resume_none_to_its_first_run_only(used_run, tmp_
 # 4. signals during the start-up and during the universal conversion
 
 
-@pytest.mark.parametrize("delay", [0.5, 3.0])  # 0.5 s: while Python imports the trainer
-def test_a_signal_during_the_start_up_exits_75_and_the_next_job_starts(tmp_path, delay):
+# The online evaluation of a fresh run starts with step 0; a stop requested before it must skip it, or its rows
+# (and the minutes it takes) would make the next job's --resume auto refuse a directory with metrics but no checkpoint.
+EVAL = ["eval.train_source=synthetic", "eval.val_source=synthetic", "eval.train_samples=16", "eval.val_samples=8",
+        "eval.batch_size=8", "eval.num_workers=0", "eval.attention_images=2"]
+
+
+@pytest.mark.parametrize("delay, extra", [(0.5, []), (3.0, EVAL)], ids=["imports", "start_up_with_eval"])
+def test_a_signal_during_the_start_up_exits_75_and_the_next_job_starts(tmp_path, delay, extra):
     """SIGTERM/USR1 in the first seconds (imports, teachers, engine) used to kill the process (-15/-10)."""
     out = tmp_path / "run"
-    job = Job(out, *TINY, "run.max_steps=2")
+    job = Job(out, *TINY, "run.max_steps=2", *extra)
     time.sleep(delay)
     job.proc.send_signal(signal.SIGTERM if delay < 1 else signal.SIGUSR1)
     code = job.wait(120)

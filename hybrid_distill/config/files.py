@@ -30,21 +30,44 @@ DS_TOP_LEVEL_KEYS = frozenset({
     "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer", "zero_optimization",
 })
 
+# Sections that would make DeepSpeed build its own optimizer or scheduler; we pass a client optimizer and
+# set the lr ourselves every step.
+FORBIDDEN_SECTIONS = ("optimizer", "scheduler")
+# Sections that must be JSON objects (``.get`` is called on them), with an example of the expected form.
+OBJECT_SECTIONS = {
+    "bf16": '"bf16": {"enabled": true}',
+    "fp16": '"fp16": {"enabled": false}',
+    "zero_optimization": '"zero_optimization": {"stage": 2}',
+}
+# The ZeRO stages the trainer runs. Stage 0 (DeepSpeed's default without a "zero_optimization" section) is refused:
+# DeepSpeed 0.19.8 saves its checkpoints without ZeRO's layout, which zero_to_fp32 (export) and ds_to_universal
+# (resume on another world size) cannot read (docs/checkpoints.md).
+ZERO_STAGES = (1, 2, 3)
+# Sub-sections of zero_optimization that must be objects (or null) when present.
+ZERO_OBJECT_SECTIONS = {
+    "offload_optimizer": '"offload_optimizer": {"device": "cpu"}',
+    "offload_param": '"offload_param": {"device": "cpu"}',
+}
+
 
 def check_ds_config_file(path: str | Path) -> Path:
     """The DeepSpeed JSON ``path``, which must exist."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"--ds_config {str(path)!r} does not exist (see ds_configs/ for zero1/2/3)")
+        what = "is not a file" if path.exists() else "does not exist"
+        raise ConfigError(f"--ds_config {str(path)!r} {what} (see ds_configs/ for zero1/2/3)")
     return path
 
 
 def read_ds_config(path: str | Path) -> dict[str, Any]:
-    """The DeepSpeed JSON as a dict: an existing file holding one JSON object whose keys DeepSpeed knows.
+    """The DeepSpeed JSON as a dict: an existing file holding one JSON object whose keys DeepSpeed knows, with no
+    ``optimizer``/``scheduler`` section, object-valued sections and ZeRO stage 1, 2 or 3. Needs no torch: the trainer
+    runs it before any heavy import (``check_inputs``, ``--dry-run``); ``engine.resolve_ds_config`` then fills in
+    the ``"auto"`` values.
 
     Raises:
-        ConfigError: missing file, invalid JSON, not an object, or an unknown top-level key (the closest known one
-            is named).
+        ConfigError: missing file, invalid JSON, not an object, an unknown top-level key (the closest known one is
+            named), a forbidden or malformed section, or ZeRO stage 0.
     """
     path = check_ds_config_file(path)
     try:
@@ -55,7 +78,42 @@ def read_ds_config(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"DeepSpeed config {str(path)!r} must hold a JSON object")
     check_known_keys(data, DS_TOP_LEVEL_KEYS, path, "DeepSpeed ignores unknown top-level keys: this run would "
                      "silently use its defaults there")
+    for section in FORBIDDEN_SECTIONS:
+        if section in data:
+            raise ConfigError(f"{path}: remove the {section!r} section; the trainer passes its own AdamW and sets the "
+                              "learning rate every step (configure them with optim.* keys)")
+    _check_sections(data, path)
+    _check_zero_stage(data, path)
     return data
+
+
+def _check_sections(ds: dict[str, Any], path: str | Path) -> None:
+    """Reject a ``bf16``/``fp16``/``zero_optimization`` (or offload) section that is not a JSON object."""
+    for key, example in OBJECT_SECTIONS.items():
+        if key in ds and not isinstance(ds[key], dict):
+            raise ConfigError(f"{path}: {key!r} must be a JSON object, e.g. {example}; got {json.dumps(ds[key])}")
+    zero = ds.get("zero_optimization", {})
+    for key, example in ZERO_OBJECT_SECTIONS.items():
+        if zero.get(key) is not None and not isinstance(zero[key], dict):
+            raise ConfigError(f"{path}: 'zero_optimization.{key}' must be a JSON object, e.g. {example}; "
+                              f"got {json.dumps(zero[key])}")
+
+
+def _check_zero_stage(ds: dict[str, Any], path: str | Path) -> None:
+    """Refuse ZeRO stage 0 (or no ``zero_optimization`` section) and stages that do not exist."""
+    zero = ds.get("zero_optimization")
+    stage = 0 if zero is None else zero.get("stage", 0)
+    integer = isinstance(stage, int) and not isinstance(stage, bool)
+    if integer and stage in ZERO_STAGES:
+        return
+    if not integer or stage != 0:
+        raise ConfigError(f"{path}: zero_optimization.stage={json.dumps(stage)} is not a ZeRO stage the trainer runs; "
+                          "use 1, 2 or 3 (a JSON integer, e.g. \"zero_optimization\": {\"stage\": 2})")
+    what = "has no \"zero_optimization\" section, so DeepSpeed would run" if zero is None else "sets"
+    raise ConfigError(f"{path} {what} ZeRO stage 0, which is not supported: its checkpoints can be neither exported "
+                      "to timm nor resumed on another world size (DeepSpeed's zero_to_fp32 and ds_to_universal read "
+                      "ZeRO checkpoints only); use \"zero_optimization\": {\"stage\": 1} (ds_configs/zero1.json: the "
+                      "communication of plain data parallelism, with less memory), 2 or 3")
 
 
 def check_known_keys(data: dict[str, Any], known: frozenset[str] | set[str], path: str | Path, why: str,

@@ -71,7 +71,8 @@ def read_yaml(config_file: str | Path) -> dict[str, Any]:
     """
     path = Path(config_file)
     if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
+        what = "is not a file" if path.exists() else "does not exist"
+        raise ConfigError(f"--config {str(path)!r} {what}: pass a YAML file of config sections")
     try:
         with path.open(encoding="utf-8") as f:
             values = yaml.load(f, Loader=_UniqueKeyLoader) or {}  # noqa: S506 - a SafeLoader subclass

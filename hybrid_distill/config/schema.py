@@ -312,6 +312,7 @@ def _check_eval(ev: EvalConfig) -> None:
     _check(ev.batch_size >= 1 and ev.num_workers >= 0, "eval.batch_size/num_workers", "must be >= 1 / >= 0")
     _check(0 < ev.crop_pct <= 1, "eval.crop_pct", "must be in (0, 1]")
 
+
 def _check_student(cfg: Config) -> None:
     student = cfg.student
     _check(0 <= student.drop_path_rate < 1, "student.drop_path_rate",

@@ -43,26 +43,36 @@ def all_gather_objects(obj: Any) -> list[Any]:
     return out
 
 
+def comm_device() -> torch.device:
+    """Where the default group's collectives need their tensors: this rank's GPU for NCCL, else the CPU."""
+    if initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_reduce_max(value: int, device: Any = None) -> int:
     """MAX of the integer ``value`` over all ranks."""
     if not initialized():
         return value
-    tensor = torch.tensor([value], dtype=torch.int64, device=device if device is not None else "cpu")
+    tensor = torch.tensor([value], dtype=torch.int64, device=device if device is not None else comm_device())
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return int(tensor.item())
 
 
 def any_rank(flag: torch.Tensor) -> bool:
-    """True on every rank when the boolean tensor ``flag`` is true on any rank (keeps collectives in step)."""
+    """True on every rank when the boolean tensor ``flag`` is true on any rank (keeps collectives in step); the
+    flag may live on any device (a ZeRO-3 CPU-offloaded partition's is on the CPU)."""
     t = flag.float().reshape(1)
     if initialized():
+        t = t.to(comm_device())
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
 
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
-    """Element-wise sum of ``values`` over all ranks (in place; returned)."""
+    """Element-wise sum of ``values`` over all ranks (in place when on the group's device); returned."""
     if initialized():
+        values = values.to(comm_device())
         dist.all_reduce(values)
     return values
 

@@ -27,26 +27,6 @@ from hybrid_distill.config import Config, peak_lr  # peak_lr: re-exported (engin
 from hybrid_distill.config.files import check_known_keys, read_ds_config
 from hybrid_distill.errors import ConfigError
 
-# Sections that would make DeepSpeed build its own optimizer or scheduler; we pass a client optimizer and
-# set the lr ourselves every step.
-FORBIDDEN_SECTIONS = ("optimizer", "scheduler")
-# Sections that must be JSON objects (``.get`` is called on them), with an example of the expected form.
-OBJECT_SECTIONS = {
-    "bf16": '"bf16": {"enabled": true}',
-    "fp16": '"fp16": {"enabled": false}',
-    "zero_optimization": '"zero_optimization": {"stage": 2}',
-}
-# The ZeRO stages the trainer runs. Stage 0 (DeepSpeed's default without a "zero_optimization" section) is refused:
-# DeepSpeed 0.19.8 saves its checkpoints without ZeRO's layout, which zero_to_fp32 (export) and ds_to_universal
-# (resume on another world size) cannot read (docs/checkpoints.md).
-ZERO_STAGES = (1, 2, 3)
-# Sub-sections of zero_optimization that must be objects (or null) when present.
-ZERO_OBJECT_SECTIONS = {
-    "offload_optimizer": '"offload_optimizer": {"device": "cpu"}',
-    "offload_param": '"offload_param": {"device": "cpu"}',
-}
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # DeepSpeed config
 
@@ -84,13 +64,7 @@ def resolve_ds_config(path: str | Path, cfg: Config, world_size: int, device_typ
             a JSON number contradicting the training config, a section that is not an object (``"bf16": true``),
             ``fp16`` enabled, a ZeRO stage other than 1, 2, 3, or an ``"auto"`` this function cannot resolve.
     """
-    ds = _read_json(Path(path))
-    for section in FORBIDDEN_SECTIONS:
-        if section in ds:
-            raise ConfigError(f"{path}: remove the {section!r} section; the trainer passes its own AdamW and sets the "
-                              "learning rate every step (configure them with optim.* keys)")
-    _check_sections(ds, path)
-    _check_zero_stage(ds, path)
+    ds = _read_json(Path(path))  # read_ds_config's checks: known keys, sections, the ZeRO stage
     for key, value in _batch_values(cfg, world_size).items():
         ds[key] = _fill(ds.get(key, "auto"), value, key, path)
     ds["gradient_clipping"] = _fill(ds.get("gradient_clipping", "auto"), float(cfg.optim.clip_grad),
@@ -109,35 +83,6 @@ def resolve_ds_config(path: str | Path, cfg: Config, world_size: int, device_typ
     if leftover:
         raise ConfigError(f"{path}: cannot resolve \"auto\" at {', '.join(leftover)}; write explicit values there")
     return ds
-
-
-def _check_sections(ds: dict[str, Any], path: str | Path) -> None:
-    """Reject a ``bf16``/``fp16``/``zero_optimization`` (or offload) section that is not a JSON object."""
-    for key, example in OBJECT_SECTIONS.items():
-        if key in ds and not isinstance(ds[key], dict):
-            raise ConfigError(f"{path}: {key!r} must be a JSON object, e.g. {example}; got {json.dumps(ds[key])}")
-    zero = ds.get("zero_optimization", {})
-    for key, example in ZERO_OBJECT_SECTIONS.items():
-        if zero.get(key) is not None and not isinstance(zero[key], dict):
-            raise ConfigError(f"{path}: 'zero_optimization.{key}' must be a JSON object, e.g. {example}; "
-                              f"got {json.dumps(zero[key])}")
-
-
-def _check_zero_stage(ds: dict[str, Any], path: str | Path) -> None:
-    """Refuse ZeRO stage 0 (or no ``zero_optimization`` section) and stages that do not exist."""
-    zero = ds.get("zero_optimization")
-    stage = 0 if zero is None else zero.get("stage", 0)
-    integer = isinstance(stage, int) and not isinstance(stage, bool)
-    if integer and stage in ZERO_STAGES:
-        return
-    if not integer or stage != 0:
-        raise ConfigError(f"{path}: zero_optimization.stage={json.dumps(stage)} is not a ZeRO stage the trainer runs; "
-                          "use 1, 2 or 3 (a JSON integer, e.g. \"zero_optimization\": {\"stage\": 2})")
-    what = "has no \"zero_optimization\" section, so DeepSpeed would run" if zero is None else "sets"
-    raise ConfigError(f"{path} {what} ZeRO stage 0, which is not supported: its checkpoints can be neither exported "
-                      "to timm nor resumed on another world size (DeepSpeed's zero_to_fp32 and ds_to_universal read "
-                      "ZeRO checkpoints only); use \"zero_optimization\": {\"stage\": 1} (ds_configs/zero1.json: the "
-                      "communication of plain data parallelism, with less memory), 2 or 3")
 
 
 def _read_json(path: Path) -> dict[str, Any]:

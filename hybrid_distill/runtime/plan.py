@@ -30,13 +30,13 @@ saved-tensor accounting on the CPU (``tests/test_dry_run.py``); not yet against 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
 from typing import Any
 
 from hybrid_distill.config import Config, peak_lr
+from hybrid_distill.config.files import read_ds_config
 from hybrid_distill.errors import ConfigError
 from hybrid_distill.model import flops
 
@@ -164,7 +164,7 @@ def memory_estimate(cfg: Config, shapes: flops.StepShapes, ds: dict[str, Any], w
 def describe(cfg: Config, ds_config: str | Path, world_size: int) -> str:
     """The dry run's text (see the module docstring)."""
     shapes = flops.config_shapes(cfg, fallback=built_shape)
-    ds = json.loads(Path(ds_config).read_text())
+    ds = read_ds_config(ds_config)
     lines = [f"dry run: {cfg.student.model} student, {cfg.mim_teacher.model} + {cfg.feature_teacher.model} teachers, "
              f"world size {world_size} ({'from WORLD_SIZE' if 'WORLD_SIZE' in os.environ else 'WORLD_SIZE unset'}), "
              f"micro-batch {cfg.data.batch_size}, {ds_config}"]
