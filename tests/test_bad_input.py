@@ -16,7 +16,13 @@ from pathlib import Path
 import pytest
 
 from hybrid_distill.config import ConfigError, load_config
-from hybrid_distill.config.files import DS_TOP_LEVEL_KEYS, check_device_support, check_output_dir, read_ds_config
+from hybrid_distill.config.files import (
+    DS_TOP_LEVEL_KEYS,
+    DS_ZERO_KEYS,
+    check_device_support,
+    check_output_dir,
+    read_ds_config,
+)
 from hybrid_distill.runtime import checkpoint as ck
 from hybrid_distill.runtime.cluster import dist_timeout
 
@@ -168,6 +174,16 @@ def test_every_top_level_key_deepspeed_reads_is_known():
     assert len(seen) > 40 and seen <= DS_TOP_LEVEL_KEYS, sorted(seen - DS_TOP_LEVEL_KEYS)
 
 
+def test_every_zero_key_deepspeed_accepts_is_known():
+    """The recorded ``zero_optimization`` keys are exactly what DeepSpeed's model accepts (names and aliases), so the
+    refusal before torch loads neither misses a typo nor refuses a valid key after a DeepSpeed upgrade."""
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    fields = DeepSpeedZeroConfig.model_fields.items()
+    accepted = {n for name, f in fields for n in (name, f.alias, f.validation_alias) if isinstance(n, str)}
+    assert accepted == DS_ZERO_KEYS, (sorted(accepted - DS_ZERO_KEYS), sorted(DS_ZERO_KEYS - accepted))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # COMPLETE markers that are present but invalid
 
@@ -224,10 +240,12 @@ def _fast_cases(tmp_path: Path) -> list[tuple[str, list[str], dict[str, str], st
     (tmp_path / "other.yaml").write_text("preset: vitb_in1k_deit_mae\n")
     (tmp_path / "afile").touch()
     (tmp_path / "zero0.json").write_text('{"zero_optimization": {"stage": 0}}')
+    (tmp_path / "stgae.json").write_text('{"zero_optimization": {"stgae": 2}}')
     (tmp_path / "adamw.json").write_text('{"zero_optimization": {"stage": 2}, "optimizer": {"type": "AdamW"}}')
     (tmp_path / "a_dir.yaml").mkdir()
     return [
         ("stage0", ["--ds_config", str(tmp_path / "zero0.json")], {}, "ZeRO stage 0, which is not supported"),
+        ("zero_typo", ["--ds_config", str(tmp_path / "stgae.json")], {}, "did you mean 'zero_optimization.stage'"),
         ("optimizer", ["--ds_config", str(tmp_path / "adamw.json")], {}, "remove the 'optimizer' section"),
         ("not_a_file", ["--config", str(tmp_path / "a_dir.yaml")], {}, "a_dir.yaml' is not a file"),
         ("brace", [f"data.source=wds:/d/shard-{i:04d}.tar" for i in range(4)], {}, "quote it"),

@@ -30,6 +30,26 @@ DS_TOP_LEVEL_KEYS = frozenset({
     "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer", "zero_optimization",
 })
 
+# Every key of "zero_optimization" DeepSpeed 0.19 accepts (its DeepSpeedZeroConfig fields and aliases; the model
+# forbids any other, but only once torch and DeepSpeed have loaded; tests/test_bad_input.py re-records them).
+DS_ZERO_KEYS = frozenset({
+    "allgather_bucket_size", "allgather_partitions", "allgather_sequential", "compute_grad_norm",
+    "contiguous_gradients", "cpu_offload", "cpu_offload_param", "cpu_offload_use_pin_memory", "elastic_checkpoint",
+    "enable_sanity_checks", "gather_16bit_weights_on_model_save", "ignore_unused_parameters", "leaf_module",
+    "legacy_stage1", "load_from_fp32_weights", "log_trace_cache_warnings", "max_live_parameters",
+    "max_reuse_distance", "memory_efficient_linear", "model_persistence_threshold", "module_granularity_threshold",
+    "offload_optimizer", "offload_param", "overlap_comm", "override_module_apply", "param_persistence_threshold",
+    "parameter_alignment", "pipeline_loading_checkpoint", "prefetch_bucket_size", "reduce_bucket_size",
+    "reduce_scatter", "round_robin_gradients", "save_muon_momentum_buffer_in_memory", "stage",
+    "stage3_allgather_sequential", "stage3_gather_16bit_weights_on_model_save",
+    "stage3_gather_fp16_weights_on_model_save", "stage3_max_live_parameters", "stage3_max_reuse_distance",
+    "stage3_model_persistence_threshold", "stage3_module_granularity_threshold",
+    "stage3_param_persistence_threshold", "stage3_prefetch_bucket_size", "stage3_use_all_reduce_for_fetch_params",
+    "sub_group_size", "use_all_reduce_for_fetch_params", "use_multi_rank_bucket_allreduce", "zenflow",
+    "zero_hpz_partition_size", "zero_quantized_gradients", "zero_quantized_nontrainable_weights",
+    "zero_quantized_weights",
+})
+
 # Sections that would make DeepSpeed build its own optimizer or scheduler; we pass a client optimizer and
 # set the lr ourselves every step.
 FORBIDDEN_SECTIONS = ("optimizer", "scheduler")
@@ -83,6 +103,9 @@ def read_ds_config(path: str | Path) -> dict[str, Any]:
             raise ConfigError(f"{path}: remove the {section!r} section; the trainer passes its own AdamW and sets the "
                               "learning rate every step (configure them with optim.* keys)")
     _check_sections(data, path)
+    if isinstance(data.get("zero_optimization"), dict):
+        check_known_keys(data["zero_optimization"], DS_ZERO_KEYS, path, "DeepSpeed refuses it",
+                         prefix="zero_optimization.")
     _check_zero_stage(data, path)
     return data
 

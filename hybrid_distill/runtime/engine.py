@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from hybrid_distill.config import Config, peak_lr  # peak_lr: re-exported (engine.peak_lr)
-from hybrid_distill.config.files import check_known_keys, read_ds_config
+from hybrid_distill.config.files import read_ds_config
 from hybrid_distill.errors import ConfigError
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -64,7 +64,7 @@ def resolve_ds_config(path: str | Path, cfg: Config, world_size: int, device_typ
             a JSON number contradicting the training config, a section that is not an object (``"bf16": true``),
             ``fp16`` enabled, a ZeRO stage other than 1, 2, 3, or an ``"auto"`` this function cannot resolve.
     """
-    ds = _read_json(Path(path))  # read_ds_config's checks: known keys, sections, the ZeRO stage
+    ds = read_ds_config(path)  # its checks: known keys (top level, zero_optimization), sections, the ZeRO stage
     for key, value in _batch_values(cfg, world_size).items():
         ds[key] = _fill(ds.get(key, "auto"), value, key, path)
     ds["gradient_clipping"] = _fill(ds.get("gradient_clipping", "auto"), float(cfg.optim.clip_grad),
@@ -83,17 +83,6 @@ def resolve_ds_config(path: str | Path, cfg: Config, world_size: int, device_typ
     if leftover:
         raise ConfigError(f"{path}: cannot resolve \"auto\" at {', '.join(leftover)}; write explicit values there")
     return ds
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    data = read_ds_config(path)
-    if isinstance(data.get("zero_optimization"), dict):
-        from deepspeed.runtime.zero.config import DeepSpeedZeroConfig  # what DeepSpeed accepts (extra="forbid")
-
-        fields = DeepSpeedZeroConfig.model_fields
-        known = {n for name, f in fields.items() for n in (name, f.alias, f.validation_alias) if isinstance(n, str)}
-        check_known_keys(data["zero_optimization"], known, path, "DeepSpeed refuses it", prefix="zero_optimization.")
-    return data
 
 
 def _batch_values(cfg: Config, world_size: int) -> dict[str, int]:
