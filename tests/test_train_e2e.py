@@ -108,8 +108,11 @@ def test_two_process_zero3_then_one_process_resume_reproduce_the_single_process_
     partitioned.write_text(json.dumps(ds))
     out = tmp_path / "zero3"
     argv = [*TINY, "run.max_steps=8", "run.ckpt_every=4", "run.export_at_end=false"]
+    shm_before = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
     _ok(launch(out, *argv, "run.stop_after_steps=4", procs=2, ds=partitioned), code=75)
     assert [r["world_size"] for r in metrics(out)] == [2] * 4
+    # DeepSpeed's CPU all-reduce buffers (66 MiB of RAM per rank) do not outlive the run
+    assert set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) <= shm_before
     _ok(launch(out, *argv, "--resume", "auto", ds=partitioned))
     rows = metrics(out)
     assert [r["step"] for r in rows] == list(range(1, 9))
