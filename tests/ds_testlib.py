@@ -48,9 +48,10 @@ def run_ranks(func: Callable[..., Any], world_size: int = 1, timeout: float = 24
             procs.append(subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                           text=True))
         outputs = [_wait(p, timeout) for p in procs]
-        for rank, (proc, output) in enumerate(zip(procs, outputs, strict=True)):
-            if proc.returncode != 0:
-                raise AssertionError(f"rank {rank} of {func.__name__} exited {proc.returncode}:\n{output[-6000:]}")
+        failed = [f"rank {rank} of {func.__name__} exited {proc.returncode}:\n{output[-6000:]}"
+                  for rank, (proc, output) in enumerate(zip(procs, outputs, strict=True)) if proc.returncode != 0]
+        if failed:  # every failing rank's output: the first to fail is often not rank 0
+            raise AssertionError("\n\n".join(failed))
         return [json.loads((Path(tmp) / f"rank{r}.json").read_text()) for r in range(world_size)]
 
 

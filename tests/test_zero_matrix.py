@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import sys
 import tempfile
@@ -75,7 +76,11 @@ def _ds_config(run_dir: Path, cell: str, world_size: int, universal: bool = Fals
     """The cell's DeepSpeed JSON written as a user would, resolved by the trainer's ``resolve_ds_config``."""
     base, over = CELLS[cell]
     path = run_dir / f"ds_{cell}.json"
-    path.write_text(json.dumps(_merge(json.loads((REPO / "ds_configs" / base).read_text()), over)))
+    # every rank writes the same file: atomically, or one rank reads it half-written by the other, fails its cell
+    # alone and the ranks' collectives fall out of step (a hang or a reset connection)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(_merge(json.loads((REPO / "ds_configs" / base).read_text()), over)))
+    os.replace(tmp, path)
     cfg = tiny_config(batch_size=2, global_batch_size=GLOBAL_BATCH)
     ds = resolve_ds_config(path, cfg, world_size, "cpu")
     if universal:
