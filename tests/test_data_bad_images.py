@@ -138,6 +138,16 @@ def test_too_many_bad_samples_are_judged_with_a_clear_message(tmp_path):
     assert loader.bad_fraction_problem(3, 14) is None  # fewer than min(1000, samples per epoch) read yet
 
 
+def write_shard(shard: Path, members: list[tuple[str, bytes, int]]) -> None:
+    """A webdataset tar: each ``(name.jpg, bytes, label)`` as ``name.jpg`` beside ``name.cls``."""
+    with tarfile.open(shard, "w") as tar:
+        for name, data, label in members:
+            for member, payload in ((name, data), (name.replace(".jpg", ".cls"), str(label).encode())):
+                info = tarfile.TarInfo(member)
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+
+
 def test_streaming_shard_with_corrupt_images_keeps_streaming(tmp_path):
     shard = tmp_path / "shard-000.tar"
     members = []
@@ -145,12 +155,7 @@ def test_streaming_shard_with_corrupt_images_keeps_streaming(tmp_path):
         members.append((f"{i:04d}.jpg", jpeg_bytes(Image.new("RGB", (20, 20), RED)), i))
     members[3] = ("0003.jpg", broken_images()["truncated.jpg"], 3)
     members[7] = ("0007.jpg", broken_images()["random.jpg"], 7)
-    with tarfile.open(shard, "w") as tar:
-        for name, data, label in members:
-            for member, payload in ((name, data), (name.replace(".jpg", ".cls"), str(label).encode())):
-                info = tarfile.TarInfo(member)
-                info.size = len(payload)
-                tar.addfile(info, io.BytesIO(payload))
+    write_shard(shard, members)
     cfg = DataConfig(source=f"wds:{shard}", streaming=True, num_samples=8, batch_size=2, num_workers=0,
                      shuffle_buffer=2, max_bad_fraction=0.3)
     loader = build_loader(cfg, img_size=SIZE)
@@ -181,13 +186,8 @@ def test_decompression_bomb_is_skipped_and_counted(tmp_path, monkeypatch, caplog
 def test_a_streamed_bad_sample_re_read_after_a_resume_counts_once(tmp_path):
     """A resume re-reads what was in the shuffle buffer; the bad files among it were counted again (10 of 8)."""
     shard = tmp_path / "shard-000.tar"
-    with tarfile.open(shard, "w") as tar:
-        for i in range(40):
-            data = b"not an image" if i % 5 == 0 else jpeg_bytes(Image.new("RGB", (20, 20), (i, 0, 0)))
-            for member, payload in ((f"{i:04d}.jpg", data), (f"{i:04d}.cls", str(i).encode())):
-                info = tarfile.TarInfo(member)
-                info.size = len(payload)
-                tar.addfile(info, io.BytesIO(payload))
+    write_shard(shard, [(f"{i:04d}.jpg", b"not an image" if i % 5 == 0 else
+                         jpeg_bytes(Image.new("RGB", (20, 20), (i, 0, 0))), i) for i in range(40)])
     cfg = DataConfig(source=f"wds:{shard}", streaming=True, num_samples=32, batch_size=4, num_workers=0,
                      shuffle_buffer=4, max_bad_fraction=0.5)
     uninterrupted = build_loader(cfg, img_size=SIZE)

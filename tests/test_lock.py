@@ -93,46 +93,35 @@ def test_the_holder_refreshes_its_heartbeat(tmp_path):
         lock.release()
 
 
-def test_of_jobs_starting_together_exactly_one_gets_the_lock(tmp_path):
-    """O_EXCL creation: several jobs (threads here, processes on several nodes in real life) starting at once."""
+def _race_for_the_lock(run_dir, jobs: int = 6) -> list[str]:
+    """``jobs`` threads (processes on several nodes in real life) acquire the lock at the same moment."""
     results: list[str] = []
-    start = threading.Barrier(6)
+    start = threading.Barrier(jobs)
 
     def job() -> None:
         start.wait()
         try:
-            RunLock(tmp_path / "run", stale_s=300).acquire()
+            RunLock(run_dir, stale_s=300).acquire()
             results.append("got it")
         except ConfigError:
             results.append("refused")
 
-    threads = [threading.Thread(target=job) for _ in range(6)]
+    threads = [threading.Thread(target=job) for _ in range(jobs)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert sorted(results) == ["got it"] + ["refused"] * 5
+    return sorted(results)
+
+
+def test_of_jobs_starting_together_exactly_one_gets_the_lock(tmp_path):
+    """O_EXCL creation: several jobs (threads here, processes on several nodes in real life) starting at once."""
+    assert _race_for_the_lock(tmp_path / "run") == ["got it"] + ["refused"] * 5
 
 
 def test_of_jobs_taking_over_one_stale_lock_together_exactly_one_gets_it(tmp_path):
     _foreign(tmp_path / "run", age_s=1000)
-    results: list[str] = []
-    start = threading.Barrier(6)
-
-    def job() -> None:
-        start.wait()
-        try:
-            RunLock(tmp_path / "run", stale_s=300).acquire()
-            results.append("got it")
-        except ConfigError:
-            results.append("refused")
-
-    threads = [threading.Thread(target=job) for _ in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert sorted(results) == ["got it"] + ["refused"] * 5
+    assert _race_for_the_lock(tmp_path / "run") == ["got it"] + ["refused"] * 5
 
 
 def test_release_leaves_a_lock_taken_over_by_another_job_alone(tmp_path):

@@ -45,8 +45,9 @@ def resolve_ds_config(path: str | Path, cfg: Config, world_size: int, device_typ
     * ``bf16.enabled`` = True on CUDA devices that support bf16, False elsewhere (CPU runs in fp32).
     * ``fp16.enabled`` (if present) = False: mixed precision here is bf16 only; ``true`` is rejected.
     * ``bf16``, ``fp16``, ``zero_optimization`` (and its ``offload_optimizer``/``offload_param``) must be objects.
-    * ``zero_optimization.stage`` must be 1, 2 or 3 (``ZERO_STAGES``); stage 0, also what a missing
-      ``zero_optimization`` section means to DeepSpeed, is refused (docs/checkpoints.md says why).
+    * ``zero_optimization.stage`` must be 1, 2 or 3 (``config.files.ZERO_STAGES``, checked by ``read_ds_config``);
+      stage 0, also what a missing ``zero_optimization`` section means to DeepSpeed, is refused
+      (docs/checkpoints.md says why).
 
     The same rule as for clipping holds for the three batch keys: a number in the JSON must match.
 
